@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -38,6 +39,11 @@ DEFAULT_NODES = (
     "recovery-2:secondsite.io/site=recovery",
 )
 SERVICE_CIDR = "10.96.0.0/16"  # allocation range for ClusterIPs only; nothing is routed there
+
+
+# Components outlive the call that starts them; holding their Popen objects here lets `down` reap
+# them when the same process stops the cluster (as the test fixtures do).
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 
 class ClusterError(RuntimeError):
@@ -144,15 +150,22 @@ class DevCluster:
         *,
         version: str = build.KUBERNETES_VERSION,
         timeout: float = 180.0,
+        fresh: bool = False,
         say: build.Progress = build._say,
     ) -> Path:
-        """Start the cluster (building binaries on first use); return the kubeconfig path."""
+        """Start the cluster (building binaries on first use); return the kubeconfig path.
+
+        A running cluster is reused unless `fresh`, which also wipes its etcd data and pod sandboxes.
+        """
         node_specs = [parse_node_spec(n) for n in nodes]
         st = self.status()
-        if st["ready"] and st["components"] and all(st["components"].values()):
+        if not fresh and st["ready"] and st["components"] and all(st["components"].values()):
             say(f"cluster {self.name!r} already running at {st['apiserver']}")
             return self.kubeconfig
         self.down(quiet=True)
+        if fresh:
+            shutil.rmtree(self.dir / "etcd", ignore_errors=True)
+            shutil.rmtree(self.pods_dir, ignore_errors=True)
         tc = build.build(version, progress=say)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
@@ -210,6 +223,7 @@ class DevCluster:
                 start_new_session=True,
                 cwd=self.dir,
             )
+        _CHILDREN[proc.pid] = proc
         state["components"].append(
             dataclasses.asdict(Component(name=name, pid=proc.pid, argv=argv, log=str(log)))
         )
@@ -400,10 +414,15 @@ def _is_ours(c: Component) -> bool:
 
 
 def _wait_gone(pid: int, seconds: float) -> None:
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=seconds)
+        if child.returncode is not None:
+            del _CHILDREN[pid]
+        return
     deadline = time.monotonic() + seconds
     while _alive(pid) and time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
         time.sleep(0.05)
 
 
