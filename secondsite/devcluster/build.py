@@ -1,4 +1,4 @@
-"""Build the upstream Kubernetes control plane and etcd from the Go module proxy, once, and cache it.
+"""Build the upstream Kubernetes control plane and etcd from the Go module proxy, once; cache it.
 
 A helper Go module outside the repository requires `k8s.io/kubernetes` at a pinned release and
 replaces each `k8s.io/<staging>` module with the published `v0.<minor>.<patch>` of the same release

@@ -155,7 +155,7 @@ class DevCluster:
     ) -> Path:
         """Start the cluster (building binaries on first use); return the kubeconfig path.
 
-        A running cluster is reused unless `fresh`, which also wipes its etcd data and pod sandboxes.
+        A running cluster is reused unless `fresh`, which also wipes etcd data and pod sandboxes.
         """
         node_specs = [parse_node_spec(n) for n in nodes]
         st = self.status()
@@ -262,9 +262,9 @@ class DevCluster:
             "--log-level=warn",
         ]
 
-    def _apiserver_argv(self, tc: build.Toolchain, keys: pki.Pki, state: dict[str, Any]) -> (
-        list[str]
-    ):
+    def _apiserver_argv(
+        self, tc: build.Toolchain, keys: pki.Pki, state: dict[str, Any]
+    ) -> list[str]:
         return [
             str(tc.path("kube-apiserver")),
             f"--etcd-servers=http://127.0.0.1:{state['etcdPort']}",

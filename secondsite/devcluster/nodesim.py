@@ -3,10 +3,11 @@
 No container runtime can run here, so this process registers Nodes, keeps their Leases and status
 fresh, and runs each container of every Pod bound to one of its nodes as a local process: the
 container's `command` + `args` (with `$(VAR)` expansion as kubelet does), its `env` (values, the
-downward API, ConfigMap and Secret keys) plus NODE_NAME, POD_NAME, POD_NAMESPACE and POD_IP. Each pod
-gets its own loopback address (127.1.x.y) as its IP and a sandbox directory as working directory; a
-container's output goes to `<sandbox>/<container>.log`. Pod status (phase, conditions, container
-states, exit codes, restart counts) is reported as kubelet would, restarts follow `restartPolicy`,
+downward API, ConfigMap and Secret keys) plus NODE_NAME, POD_NAME, POD_NAMESPACE and POD_IP. Each
+pod gets its own loopback address (127.1.x.y) as its IP and a sandbox directory as working
+directory; a container's output goes to `<sandbox>/<container>.log`. Pod status (phase,
+conditions, container states, exit codes, restart counts) is reported as kubelet would, restarts
+follow `restartPolicy`,
 and deleting a Pod stops its processes (SIGTERM, then SIGKILL after the grace period) before the
 simulator removes the Pod object. Scheduling, controllers and garbage collection stay upstream's.
 
@@ -325,9 +326,12 @@ class NodeSimulator:
         sandbox = self.pods_dir / f"{meta['namespace']}_{meta['name']}_{meta['uid'][:8]}"
         sandbox.mkdir(parents=True, exist_ok=True)
         containers = [
-            ContainerRun(name=c["name"], image=c.get("image", "")) for c in obj["spec"]["containers"]
+            ContainerRun(name=c["name"], image=c.get("image", ""))
+            for c in obj["spec"]["containers"]
         ]
-        log.info("pod=%s/%s node=%s ip=%s event=admitted", meta["namespace"], meta["name"], node, ip)
+        log.info(
+            "pod=%s/%s node=%s ip=%s event=admitted", meta["namespace"], meta["name"], node, ip
+        )
         return PodRun(
             uid=meta["uid"],
             namespace=meta["namespace"],
@@ -352,7 +356,9 @@ class NodeSimulator:
         for src in container.get("envFrom", []) or []:
             prefix = src.get("prefix", "")
             if "configMapRef" in src:
-                cm = self.core.read_namespaced_config_map(src["configMapRef"]["name"], run.namespace)
+                cm = self.core.read_namespaced_config_map(
+                    src["configMapRef"]["name"], run.namespace
+                )
                 env.update({prefix + k: v for k, v in (cm.data or {}).items()})
             if "secretRef" in src:
                 import base64
@@ -372,7 +378,7 @@ class NodeSimulator:
         if "fieldRef" in src:
             path = src["fieldRef"]["fieldPath"]
             meta = run.body["metadata"]
-            fields = {
+            fields: dict[str, str] = {
                 "metadata.name": run.name,
                 "metadata.namespace": run.namespace,
                 "metadata.uid": run.uid,
@@ -509,7 +515,7 @@ class NodeSimulator:
             return {"type": t, "status": "True" if ok else "False", "lastTransitionTime": now}
 
         phase = self._phase(run)
-        status = {
+        status: dict[str, Any] = {
             "phase": phase,
             "hostIP": self.node_ips[run.node],
             "hostIPs": [{"ip": self.node_ips[run.node]}],
@@ -526,7 +532,10 @@ class NodeSimulator:
             ],
         }
         # Report only on change (transition times aside) to keep API traffic low.
-        fingerprint = {**status, "conditions": [(c["type"], c["status"]) for c in status["conditions"]]}
+        fingerprint = {
+            **status,
+            "conditions": [(c["type"], c["status"]) for c in status["conditions"]],
+        }
         if fingerprint == run.reported:
             return
         try:
@@ -534,7 +543,9 @@ class NodeSimulator:
             run.reported = fingerprint
         except ApiException as e:
             if e.status != 404:
-                log.warning("pod=%s/%s event=status-failed status=%s", run.namespace, run.name, e.status)
+                log.warning(
+                    "pod=%s/%s event=status-failed status=%s", run.namespace, run.name, e.status
+                )
 
     def _finish_deletion(self, run: PodRun) -> None:
         from kubernetes import client

@@ -38,7 +38,9 @@ def _pid_alive(pid: int) -> bool:
 
 def test_nodes_are_ready_with_site_labels(kubectl: Any) -> None:
     nodes = _json(kubectl, "get", "nodes")["items"]
-    sites = {n["metadata"]["name"]: n["metadata"]["labels"].get("secondsite.io/site") for n in nodes}
+    sites = {
+        n["metadata"]["name"]: n["metadata"]["labels"].get("secondsite.io/site") for n in nodes
+    }
     assert sites == {
         "protected-1": "protected",
         "protected-2": "protected",
