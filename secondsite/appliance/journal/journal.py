@@ -1,0 +1,1211 @@
+"""The :class:`Journal` facade: the recovery-side journal of one VPG.
+
+Directory layout::
+
+    volumes.json     volume name -> id, size, replica path (replaced atomically)
+    state.json       promoted watermark and its checkpoint, next seq/checkpoint id floors,
+                     promotion in progress, failover phase (replaced atomically)
+    segments/        append-only segment files and their index sidecars (segment.py)
+    replicas/        <volume>.img: sparse replica files, unless a path was given
+    failover.undo    only between promote_to() and commit()/rollback()
+
+Guarantees:
+
+* Sequence numbers are assigned synchronously when ``submit_*``/``append_*``/``mark_checkpoint``
+  is called, so the caller's call order is the sequence order (also across volumes).
+* ``append_*`` returns (the write is acked) only once its record is written and fdatasynced;
+  concurrent appends share one write + fdatasync (group commit, see writer.py).
+* A checkpoint gets the next sequence number after every record submitted before the call; its
+  image holds exactly those records. ``checkpoint()`` returns once the record is durable.
+* After a crash, every acked record and every checkpoint whose call returned is there; a torn tail
+  is cut at open and logged with the number of bytes cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .checkpoints import Checkpoint, CheckpointTable
+from .errors import (
+    CorruptJournalError,
+    FailoverStateError,
+    ImagesOpenError,
+    JournalClosedError,
+    JournalIOError,
+    OutOfRangeError,
+    UnknownCheckpointError,
+    UnknownVolumeError,
+    VolumeExistsError,
+)
+from .failover import UndoLog
+from .index import ExtentMap, VolumeIndex
+from .pit import (
+    PitImage,
+    RecordSnapshot,
+    ScratchOverlay,
+    build_extents,
+    extend_extents,
+)
+from .record import (
+    HEADER,
+    NO_VOLUME,
+    SEGMENT_HEADER,
+    CheckpointPayload,
+    RecordType,
+    encode_checkpoint,
+    encode_header,
+)
+from .replica import ReplicaFile
+from .retention import (
+    RetentionPolicy,
+    RetentionStatus,
+    SegmentUsage,
+    history_status,
+    plan_promotion,
+)
+from .segment import (
+    SegmentScan,
+    SegmentSet,
+    fsync_dir,
+    list_segments,
+    load_sidecar,
+    scan_segment,
+    seg_path,
+    write_sidecar,
+)
+from .state import read_json, write_json_atomic
+from .writer import PendingRecord, SegmentWriter
+
+__all__ = ["Journal", "JournalConfig", "JournalStatus", "PendingAppend", "VolumeInfo"]
+
+log = logging.getLogger(__name__)
+
+_LATEST_FOLD_ROWS = 65536
+"""The latest view lays up to this many new records over its map per read, then rebuilds it."""
+_APPLY_CHUNK = 64 << 20
+
+
+@dataclass(frozen=True)
+class JournalConfig:
+    vpg: str = ""
+    """Name of the VPG, for log lines."""
+    segment_size: int = 256 << 20
+    """A segment is rolled when the next record would take it past this size."""
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
+    scratch_dir: Path | None = None
+    """Where scratch overlays of writable images go (default: <journal>/scratch)."""
+    hold_samples: int = 4096
+    """How many recent ack-hold durations are kept for percentiles."""
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    name: str
+    id: int
+    size: int
+    replica_path: Path
+
+
+@dataclass(frozen=True)
+class JournalStatus:
+    retention: RetentionStatus
+    oldest_checkpoint: Checkpoint | None
+    newest_checkpoint: Checkpoint | None
+    checkpoint_count: int
+    promoted_seq: int
+    durable_seq: int
+    failover_phase: str | None
+    promotion_blocked_at_seq: int | None
+    """Set when open images keep retention from promoting as far as it wants."""
+
+
+@dataclass
+class _Volume:
+    info: VolumeInfo
+    index: VolumeIndex
+    replica: ReplicaFile
+    generation: int = 0
+    """Bumped whenever index rows are dropped (row numbers change)."""
+
+
+@dataclass
+class PendingAppend:
+    """A submitted record: its sequence number now, durability later (``await pending``)."""
+
+    seq: int
+    future: asyncio.Future[None]
+
+    def __await__(self) -> Any:
+        return asyncio.shield(self.future).__await__()
+
+
+@dataclass
+class _Queued:
+    rec: PendingRecord
+    future: asyncio.Future[None]
+    holdable: bool
+    checkpoint: Checkpoint | None = None
+
+
+class Journal:
+    """Recovery-side journal of one VPG. Create with ``await Journal.open(directory)``."""
+
+    def __init__(self, directory: Path, config: JournalConfig) -> None:
+        self.directory = directory
+        self.config = config
+        self._segdir = directory / "segments"
+        self._scratch = config.scratch_dir or directory / "scratch"
+        self._volumes: dict[str, _Volume] = {}
+        self._by_id: dict[int, _Volume] = {}
+        self.checkpoints = CheckpointTable()
+        self._segments = SegmentSet()
+        self._seg_info: dict[int, list[int]] = {}
+        """segno -> [first_seq, last_seq, bytes], ascending segno."""
+        self._state: dict[str, Any] = {}
+        self._next_seq = 1
+        self._next_cid = 1
+        self._durable_seq = 0
+        self._promoted_seq = 0
+        self._active_segno = 0
+        self._active_pos = 0
+        self._writer: SegmentWriter | None = None
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-io")
+        self._queue: list[_Queued] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._failed: BaseException | None = None
+        self._closed = False
+        self._holds = 0
+        self._held: list[asyncio.Future[None]] = []
+        self._hold_times: collections.deque[float] = collections.deque(maxlen=config.hold_samples)
+        self._pins: collections.Counter[int] = collections.Counter()
+        self._pin_lock = threading.Lock()
+        self._images: set[PitImage] = set()
+        self._promote_lock = asyncio.Lock()
+        self._promoting_to: int | None = None
+        self._failover_phase: str | None = None
+        self._active_rows: dict[str, list[int]] = {}
+        self._active_cps: dict[str, list[int]] = {}
+        self._active_tags: dict[int, str] = {}
+        self.batches = 0
+        """Number of group commits (write + fdatasync rounds) so far."""
+
+    # ------------------------------------------------------------------ open / close
+
+    @classmethod
+    async def open(
+        cls, directory: str | os.PathLike[str], config: JournalConfig | None = None
+    ) -> Journal:
+        """Open (or create) the journal in ``directory``: scan, cut a torn tail, finish or undo
+        an interrupted promotion or failover, and rebuild the index and checkpoint table."""
+        j = cls(Path(directory), config or JournalConfig())
+        try:
+            await asyncio.get_running_loop().run_in_executor(j._io, j._open_sync)
+        except BaseException:
+            j._io.shutdown(wait=False)
+            raise
+        return j
+
+    def _log(self, msg: str, **kv: object) -> str:
+        items = " ".join(f"{k}={v}" for k, v in {"vpg": self.config.vpg, **kv}.items())
+        return f"{msg} {items}"
+
+    def _open_sync(self) -> None:
+        self._segdir.mkdir(parents=True, exist_ok=True)
+        (self.directory / "replicas").mkdir(exist_ok=True)
+        state = read_json(self.directory / "state.json")
+        if state is None:
+            state = {
+                "version": 1,
+                "created_ns": time.time_ns(),
+                "promoted_seq": 0,
+                "floor": None,
+                "next_seq": 1,
+                "next_cid": 1,
+                "promoting": None,
+                "failover": None,
+            }
+            write_json_atomic(self.directory / "state.json", state)
+        self._state = state
+        self._promoted_seq = int(state["promoted_seq"])
+        self._next_seq = int(state["next_seq"])
+        self._next_cid = int(state["next_cid"])
+        if state["floor"] is not None:
+            self.checkpoints.floor = Checkpoint.from_json(state["floor"])
+        vols = read_json(self.directory / "volumes.json") or {"volumes": []}
+        for v in vols["volumes"]:
+            info = VolumeInfo(v["name"], int(v["id"]), int(v["size"]), Path(v["replica"]))
+            self._install_volume(info)
+        scans = self._scan_segments()
+        self._load_scans(scans)
+        self._durable_seq = self._next_seq - 1
+        if state["promoting"] is not None:
+            cp = Checkpoint.from_json(state["promoting"])
+            log.warning(self._log("journal: finishing interrupted promotion", seq=cp.seq))
+            self._promote_sync(cp, self._snapshots())
+            self._after_promotion(cp)
+        fo = state["failover"]
+        if fo is not None:
+            phase = fo["phase"]
+            if phase in ("promoting", "rolling_back"):
+                log.warning(self._log("journal: rolling back interrupted failover", phase=phase))
+                self._rollback_sync()
+            elif phase == "committing":
+                log.warning(self._log("journal: finishing interrupted failover commit"))
+                self._commit_sync(Checkpoint.from_json(fo["checkpoint"]))
+            else:
+                self._failover_phase = phase
+
+    def _scan_segments(self) -> list[SegmentScan]:
+        segnos = list_segments(self._segdir)
+        scans: list[SegmentScan] = []
+        last_seq = self._promoted_seq
+        for k, segno in enumerate(segnos):
+            path = seg_path(self._segdir, segno)
+            is_last = k == len(segnos) - 1
+            try:
+                scan = None
+                if not is_last:
+                    scan = self._load_sidecar(path, segno)
+                if scan is None:
+                    scan = scan_segment(path, verify_crc=is_last, after_seq=-1)
+            except CorruptJournalError:
+                if is_last and path.stat().st_size <= SEGMENT_HEADER.size:
+                    # Crash while creating the segment: it never held a record.
+                    log.warning(self._log("journal: removing half-created segment", segment=segno))
+                    path.unlink()
+                    break
+                raise
+            if scan.torn_bytes:
+                if not is_last:
+                    raise CorruptJournalError(
+                        f"segment {segno} is damaged at byte {scan.valid_end} and is not the last"
+                    )
+                log.warning(
+                    self._log(
+                        "journal: torn tail cut",
+                        segment=segno,
+                        offset=scan.valid_end,
+                        bytes_cut=scan.torn_bytes,
+                    )
+                )
+                with open(path, "r+b") as f:
+                    f.truncate(scan.valid_end)
+                    os.fsync(f.fileno())
+                scan.file_size = scan.valid_end
+            if len(scan.records["seq"]) and int(scan.records["seq"][0]) <= last_seq and scans:
+                raise CorruptJournalError(f"segment {segno} overlaps the previous one in seq")
+            if scan.first_seq <= last_seq and scans:
+                raise CorruptJournalError(f"segment {segno} starts at seq {scan.first_seq}")
+            last_seq = max(last_seq, scan.last_seq)
+            scans.append(scan)
+        # Segments fully promoted before a crash could delete them.
+        while len(scans) > 1 and scans[0].last_seq <= self._promoted_seq:
+            gone = scans.pop(0)
+            seg_path(self._segdir, gone.segno).unlink(missing_ok=True)
+            seg_path(self._segdir, gone.segno).with_suffix(".idx").unlink(missing_ok=True)
+        return scans
+
+    def _load_sidecar(self, path: Path, segno: int) -> SegmentScan | None:
+        from .record import decode_segment_header
+
+        with open(path, "rb") as f:
+            hdr = decode_segment_header(f.read(SEGMENT_HEADER.size))
+        if hdr is None:
+            raise CorruptJournalError(f"bad segment header in {path.name}")
+        return load_sidecar(self._segdir, segno, hdr[1], hdr[2])
+
+    def _load_scans(self, scans: list[SegmentScan]) -> None:
+        for scan in scans:
+            self._segments.add(scan.segno, seg_path(self._segdir, scan.segno))
+            self._seg_info[scan.segno] = [scan.first_seq, scan.last_seq, scan.file_size]
+            self._next_seq = max(self._next_seq, scan.last_seq + 1)
+        for k, scan in enumerate(scans):
+            if k < len(scans) - 1 and not (self._segdir / f"{scan.segno:016d}.idx").exists():
+                write_sidecar(self._segdir, scan)
+        if scans:
+            self._add_rows(
+                {k: np.concatenate([s.records[k] for s in scans]) for k in scans[0].records},
+                np.concatenate([np.full(len(s.records["seq"]), s.segno) for s in scans]),
+            )
+            cps = {
+                k: np.concatenate([s.checkpoints[k] for s in scans]) for k in scans[0].checkpoints
+            }
+            segs = np.concatenate([np.full(len(s.checkpoints["seq"]), s.segno) for s in scans])
+            keep = cps["seq"] > self._promoted_seq
+            tags: dict[int, str] = {}
+            for s in scans:
+                tags.update(s.tags)
+            kept_ids = set(cps["cid"][keep].tolist())
+            self.checkpoints.append(
+                cps["cid"][keep],
+                cps["seq"][keep],
+                cps["time_ns"][keep],
+                cps["consistent"][keep],
+                segs[keep],
+                {c: t for c, t in tags.items() if c in kept_ids},
+            )
+            if len(cps["cid"]):
+                self._next_cid = max(self._next_cid, int(cps["cid"].max()) + 1)
+            last = scans[-1]
+            self._active_segno = last.segno
+            self._active_pos = last.file_size
+            self._active_rows = {k: v.tolist() for k, v in last.records.items()}
+            self._active_cps = {k: v.tolist() for k, v in last.checkpoints.items()}
+            self._active_tags = dict(last.tags)
+            self._writer = SegmentWriter(self._segdir, last.segno, create=False, first_seq=0)
+        else:
+            self._new_first_segment(1)
+
+    def _new_first_segment(self, segno: int) -> None:
+        self._writer = SegmentWriter(self._segdir, segno, create=True, first_seq=self._next_seq)
+        self._segments.add(segno, seg_path(self._segdir, segno))
+        self._seg_info[segno] = [self._next_seq, self._next_seq - 1, SEGMENT_HEADER.size]
+        self._active_segno = segno
+        self._active_pos = SEGMENT_HEADER.size
+        self._reset_active_rows()
+
+    def _reset_active_rows(self) -> None:
+        self._active_rows = {k: [] for k in ("seq", "vol", "offset", "length", "pos", "kind")}
+        self._active_cps = {k: [] for k in ("cid", "seq", "time_ns", "consistent")}
+        self._active_tags = {}
+
+    def _add_rows(self, rows: dict[str, npt.NDArray[Any]], segs: npt.NDArray[Any]) -> None:
+        keep = rows["seq"] > self._promoted_seq
+        vol = rows["vol"]
+        unknown = set(np.unique(vol[keep]).tolist()) - set(self._by_id)
+        if unknown:
+            raise CorruptJournalError(f"records of unknown volume ids {sorted(unknown)}")
+        for vid, v in self._by_id.items():
+            m = keep & (vol == vid)
+            if m.any():
+                v.index.append_many(
+                    seq=rows["seq"][m],
+                    offset=rows["offset"][m],
+                    length=rows["length"][m],
+                    seg=segs[m],
+                    pos=rows["pos"][m],
+                    kind=rows["kind"][m],
+                )
+
+    async def close(self) -> None:
+        """Wait for queued appends, then close files. Open images are closed too."""
+        if self._closed:
+            return
+        await self._drain()
+        self._closed = True
+        for img in list(self._images):
+            img.close()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._io, self._close_sync)
+        self._io.shutdown(wait=True)
+
+    def _close_sync(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._segments.close()
+        for v in self._volumes.values():
+            v.replica.close()
+
+    async def __aenter__(self) -> Journal:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ volumes
+
+    def _install_volume(self, info: VolumeInfo) -> None:
+        v = _Volume(info, VolumeIndex(), ReplicaFile(info.replica_path, info.size))
+        self._volumes[info.name] = v
+        self._by_id[info.id] = v
+
+    async def add_volume(
+        self, name: str, size: int, replica_path: str | os.PathLike[str] | None = None
+    ) -> VolumeInfo:
+        """Add a volume (idempotent for the same name and size). Creates its sparse replica."""
+        if size <= 0:
+            raise OutOfRangeError(f"volume {name}: size must be positive")
+        existing = self._volumes.get(name)
+        if existing is not None:
+            if existing.info.size != size:
+                raise VolumeExistsError(
+                    f"volume {name} exists with size {existing.info.size}, not {size}"
+                )
+            return existing.info
+        vid = max(self._by_id, default=-1) + 1
+        path = Path(replica_path) if replica_path else self.directory / "replicas" / f"{name}.img"
+        info = VolumeInfo(name, vid, size, path)
+
+        def persist() -> None:
+            self._install_volume(info)
+            write_json_atomic(
+                self.directory / "volumes.json",
+                {
+                    "version": 1,
+                    "volumes": [
+                        {
+                            "name": v.info.name,
+                            "id": v.info.id,
+                            "size": v.info.size,
+                            "replica": str(v.info.replica_path),
+                        }
+                        for v in self._volumes.values()
+                    ],
+                },
+            )
+
+        await asyncio.get_running_loop().run_in_executor(self._io, persist)
+        return info
+
+    def volumes(self) -> list[VolumeInfo]:
+        return [v.info for v in self._volumes.values()]
+
+    def _volume(self, name: str) -> _Volume:
+        try:
+            return self._volumes[name]
+        except KeyError:
+            raise UnknownVolumeError(f"no volume {name!r} in journal {self.config.vpg}") from None
+
+    # ------------------------------------------------------------------ appends
+
+    @property
+    def next_seq(self) -> int:
+        return self._next_seq
+
+    @property
+    def durable_seq(self) -> int:
+        """Every record with seq <= durable_seq is on disk (and in the index)."""
+        return self._durable_seq
+
+    @property
+    def promoted_seq(self) -> int:
+        return self._promoted_seq
+
+    @property
+    def fsyncs(self) -> int:
+        return self._writer.fsyncs if self._writer is not None else 0
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise JournalClosedError("journal is closed")
+        if self._failed is not None:
+            raise JournalIOError(f"journal stopped after an I/O error: {self._failed}")
+        if self._failover_phase is not None:
+            raise FailoverStateError(
+                f"journal is in failover phase {self._failover_phase}: no appends"
+            )
+
+    def _submit(
+        self,
+        rtype: RecordType,
+        volume: int,
+        offset: int,
+        length: int,
+        payload: bytes | memoryview,
+        checkpoint: Checkpoint | None = None,
+    ) -> _Queued:
+        seq = self._next_seq
+        self._next_seq += 1
+        now = time.time_ns() if checkpoint is None else checkpoint.time_ns
+        header = encode_header(rtype, volume, seq, offset, length, now, payload)
+        size = HEADER.size + len(payload)
+        if self._active_pos + size > self.config.segment_size and (
+            self._active_pos > SEGMENT_HEADER.size
+        ):
+            self._active_segno += 1
+            self._active_pos = SEGMENT_HEADER.size
+        rec = PendingRecord(
+            seq,
+            self._active_segno,
+            self._active_pos,
+            header,
+            payload,
+            volume,
+            offset,
+            length,
+            int(rtype),
+        )
+        self._active_pos += size
+        q = _Queued(rec, asyncio.get_running_loop().create_future(), checkpoint is None, checkpoint)
+        self._queue.append(q)
+        if self._flusher is None:
+            self._idle.clear()
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+        return q
+
+    def _extent(self, volume: str, offset: int, length: int) -> _Volume:
+        self._check_open()
+        v = self._volume(volume)
+        if offset < 0 or length < 0 or offset + length > v.info.size:
+            raise OutOfRangeError(
+                f"volume {volume}: [{offset}, {offset + length}) outside size {v.info.size}"
+            )
+        return v
+
+    def submit_write(self, volume: str, offset: int, data: bytes | memoryview) -> PendingAppend:
+        """Queue a write; the sequence number is fixed now, ``await`` the result for durability.
+
+        ``data`` must not be modified until the append is durable.
+        """
+        v = self._extent(volume, offset, len(data))
+        q = self._submit(RecordType.WRITE, v.info.id, offset, len(data), data)
+        return PendingAppend(q.rec.seq, q.future)
+
+    def submit_zero(self, volume: str, offset: int, length: int) -> PendingAppend:
+        v = self._extent(volume, offset, length)
+        q = self._submit(RecordType.ZERO, v.info.id, offset, length, b"")
+        return PendingAppend(q.rec.seq, q.future)
+
+    def submit_trim(self, volume: str, offset: int, length: int) -> PendingAppend:
+        """Trimmed bytes read back as zeros from every later image."""
+        v = self._extent(volume, offset, length)
+        q = self._submit(RecordType.TRIM, v.info.id, offset, length, b"")
+        return PendingAppend(q.rec.seq, q.future)
+
+    async def append_write(self, volume: str, offset: int, data: bytes | memoryview) -> int:
+        p = self.submit_write(volume, offset, data)
+        await p
+        return p.seq
+
+    async def append_zero(self, volume: str, offset: int, length: int) -> int:
+        p = self.submit_zero(volume, offset, length)
+        await p
+        return p.seq
+
+    async def append_trim(self, volume: str, offset: int, length: int) -> int:
+        p = self.submit_trim(volume, offset, length)
+        await p
+        return p.seq
+
+    async def _flush_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._queue and self._failed is None:
+                batch, self._queue = self._queue, []
+                assert self._writer is not None
+                try:
+                    await loop.run_in_executor(
+                        self._io, self._writer.write_batch, [q.rec for q in batch]
+                    )
+                except OSError as exc:
+                    self._failed = exc
+                    log.error(self._log("journal: write failed, stopping", error=exc))
+                    err = JournalIOError(f"journal write failed: {exc}")
+                    for q in batch + self._queue:
+                        if not q.future.done():
+                            q.future.set_exception(err)
+                    self._queue = []
+                    break
+                self.batches += 1
+                self._complete(batch)
+        finally:
+            self._flusher = None
+            self._idle.set()
+
+    def _complete(self, batch: list[_Queued]) -> None:
+        """A batch is durable: index it, then ack (unless acks are held)."""
+        rows: dict[str, list[int]] = {
+            k: [] for k in ("seq", "vol", "offset", "length", "pos", "kind")
+        }
+        segs: list[int] = []
+        for q in batch:
+            r = q.rec
+            if r.segno != self._seal_candidate():
+                self._seal(r.segno, r.seq)
+            info = self._seg_info[r.segno]
+            info[1] = r.seq
+            info[2] = r.file_pos + HEADER.size + len(r.payload)
+            if q.checkpoint is not None:
+                cp = q.checkpoint
+                self.checkpoints.append(
+                    [cp.id],
+                    [cp.seq],
+                    [cp.time_ns],
+                    [cp.consistent],
+                    [r.segno],
+                    {cp.id: cp.tag} if cp.tag is not None else {},
+                )
+                for k, val in zip(
+                    ("cid", "seq", "time_ns", "consistent"),
+                    (cp.id, cp.seq, cp.time_ns, int(cp.consistent)),
+                    strict=True,
+                ):
+                    self._active_cps[k].append(val)
+                if cp.tag is not None:
+                    self._active_tags[cp.id] = cp.tag
+                continue
+            pos = r.file_pos + HEADER.size
+            for k, val in zip(
+                ("seq", "vol", "offset", "length", "pos", "kind"),
+                (r.seq, r.volume, r.offset, r.length, pos, r.kind),
+                strict=True,
+            ):
+                rows[k].append(val)
+                self._active_rows[k].append(val)
+            segs.append(r.segno)
+        if segs:
+            self._add_rows(
+                {k: np.asarray(v, dtype=np.int64) for k, v in rows.items()},
+                np.asarray(segs, dtype=np.int64),
+            )
+        self._durable_seq = batch[-1].rec.seq
+        for q in batch:
+            if q.future.done():
+                continue
+            if q.holdable and self._holds:
+                self._held.append(q.future)
+            else:
+                q.future.set_result(None)
+
+    def _seal_candidate(self) -> int:
+        return max(self._seg_info)
+
+    def _seal(self, new_segno: int, first_seq: int) -> None:
+        """The active segment is full: write its sidecar in the background, start the next."""
+        old = self._seal_candidate()
+        first, _last, size = self._seg_info[old]
+        scan = SegmentScan(
+            segno=old,
+            first_seq=first,
+            created_ns=0,
+            valid_end=size,
+            file_size=size,
+            records={
+                k: np.asarray(v, dtype=np.uint8 if k == "kind" else np.int64)
+                for k, v in self._active_rows.items()
+            },
+            checkpoints={
+                k: np.asarray(v, dtype=bool if k == "consistent" else np.int64)
+                for k, v in self._active_cps.items()
+            },
+            tags=dict(self._active_tags),
+        )
+        self._seg_info[new_segno] = [first_seq, first_seq - 1, SEGMENT_HEADER.size]
+        self._segments.add(new_segno, seg_path(self._segdir, new_segno))
+        self._reset_active_rows()
+        fut = asyncio.get_running_loop().run_in_executor(
+            self._io, write_sidecar, self._segdir, scan
+        )
+        fut.add_done_callback(self._sidecar_done)
+
+    def _sidecar_done(self, fut: asyncio.Future[None]) -> None:
+        exc = fut.exception()
+        if exc is not None:
+            # Only a cache: the segment is scanned at open instead.
+            log.warning(self._log("journal: sidecar write failed", error=exc))
+
+    async def _drain(self) -> None:
+        while self._flusher is not None:
+            await self._idle.wait()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @contextlib.asynccontextmanager
+    async def hold_acks(self) -> AsyncIterator[None]:
+        """Hold acks of new appends (they still become durable) until the block exits.
+
+        The capture layer wraps the marking of a cut in this so that no write is acked between
+        "every acked write is before the cut" and the mark. The hold time is recorded.
+        """
+        self._holds += 1
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._holds -= 1
+            self._hold_times.append(time.perf_counter() - start)
+            if not self._holds:
+                held, self._held = self._held, []
+                for f in held:
+                    if not f.done():
+                        f.set_result(None)
+
+    def hold_times(self) -> list[float]:
+        """Recent ack-hold durations in seconds, oldest first."""
+        return list(self._hold_times)
+
+    def hold_percentiles(self) -> dict[str, float]:
+        t = np.asarray(self._hold_times, dtype=np.float64)
+        if not len(t):
+            return {}
+        return {
+            "count": float(len(t)),
+            "p50_ms": float(np.percentile(t, 50) * 1e3),
+            "p99_ms": float(np.percentile(t, 99) * 1e3),
+            "max_ms": float(t.max() * 1e3),
+        }
+
+    def mark_checkpoint(
+        self, tag: str | None = None, consistent: bool = True
+    ) -> tuple[Checkpoint, PendingAppend]:
+        """Synchronously mark a checkpoint after every record submitted so far."""
+        self._check_open()
+        if tag == "":
+            raise ValueError("a checkpoint tag must not be empty")
+        cp = Checkpoint(self._next_cid, self._next_seq, time.time_ns(), tag, consistent)
+        payload = encode_checkpoint(CheckpointPayload(cp.id, consistent, tag))
+        self._next_cid += 1
+        q = self._submit(RecordType.CHECKPOINT, NO_VOLUME, 0, 0, payload, checkpoint=cp)
+        return cp, PendingAppend(cp.seq, q.future)
+
+    async def checkpoint(self, tag: str | None = None, consistent: bool = True) -> Checkpoint:
+        """Take a checkpoint; returns once it is durable (with every record before it)."""
+        async with self.hold_acks():
+            cp, pending = self.mark_checkpoint(tag, consistent)
+        await pending
+        return cp
+
+    def _resolve_checkpoint(self, checkpoint: Checkpoint | int) -> Checkpoint:
+        cid = checkpoint if isinstance(checkpoint, int) else checkpoint.id
+        cp = self.checkpoints.by_id(cid)
+        if cp is None or cp.seq < self._promoted_seq or cp.seq > self._durable_seq + 1:
+            raise UnknownCheckpointError(f"checkpoint {cid} is not in the journal's window")
+        if cp.seq > self._durable_seq:
+            raise UnknownCheckpointError(f"checkpoint {cid} is not durable yet")
+        return cp
+
+    # ------------------------------------------------------------------ images
+
+    def _pin(self, seq: int) -> None:
+        with self._pin_lock:
+            self._pins[seq] += 1
+
+    def _unpin(self, seq: int) -> None:
+        with self._pin_lock:
+            self._pins[seq] -= 1
+            if self._pins[seq] <= 0:
+                del self._pins[seq]
+
+    def _min_pin(self) -> int | None:
+        with self._pin_lock:
+            return min(self._pins) if self._pins else None
+
+    def _image_closed(self, img: PitImage) -> None:
+        if img in self._images:
+            self._images.discard(img)
+            self._unpin(img.pin_seq)
+
+    async def open_image(
+        self, volume: str, checkpoint: Checkpoint | int, writable: bool = False
+    ) -> PitImage:
+        """The volume as it was at ``checkpoint``; with ``writable``, over a scratch overlay."""
+        if self._closed:
+            raise JournalClosedError("journal is closed")
+        if self._failover_phase is not None:
+            raise FailoverStateError("images cannot be opened during a failover")
+        v = self._volume(volume)
+        cp = self._resolve_checkpoint(checkpoint)
+        if self._promoting_to is not None and cp.seq < self._promoting_to:
+            raise UnknownCheckpointError(f"checkpoint {cp.id} is being promoted")
+        self._pin(cp.seq)
+        try:
+            recs = RecordSnapshot.of(v.index)
+            lo, hi = v.index.rows_between(self._promoted_seq, cp.seq)
+            extents = await asyncio.to_thread(build_extents, recs, lo, hi)
+            overlay = ScratchOverlay(v.info.size, self._scratch) if writable else None
+        except BaseException:
+            self._unpin(cp.seq)
+            raise
+        img = PitImage(
+            volume=volume,
+            size=v.info.size,
+            seq=cp.seq - 1,
+            extents=extents,
+            recs=recs,
+            replica=v.replica,
+            segments=self._segments,
+            promoted_seq=lambda: self._promoted_seq,
+            on_close=self._image_closed,
+            overlay=overlay,
+        )
+        img.pin_seq = cp.seq
+        self._images.add(img)
+        return img
+
+    async def open_latest(self, volume: str) -> PitImage:
+        """A read-only view that follows the journal: each read sees every durable record.
+
+        Up to ``_LATEST_FOLD_ROWS`` new records are laid over the view's map per read; beyond
+        that the map is rebuilt, so a read costs little however fast the journal grows.
+        """
+        if self._closed:
+            raise JournalClosedError("journal is closed")
+        if self._failover_phase is not None:
+            raise FailoverStateError("images cannot be opened during a failover")
+        v = self._volume(volume)
+        seq = self._durable_seq
+        self._pin(seq)
+        generation = v.generation
+        recs = RecordSnapshot.of(v.index)
+        lo, hi = v.index.rows_between(self._promoted_seq, seq)
+        try:
+            extents = await asyncio.to_thread(build_extents, recs, lo, hi)
+        except BaseException:
+            self._unpin(seq)
+            raise
+        base_rows = hi
+
+        def refresh(img: PitImage) -> None:
+            # Runs in a worker thread, under the image's lock.
+            nonlocal generation, base_rows
+            now = self._durable_seq
+            if now == img.seq and generation == v.generation:
+                return
+            self._pin(now)
+            self._unpin(img.pin_seq)
+            img.pin_seq = now
+            new = RecordSnapshot.of(v.index)
+            top = len(new.seq)
+            if generation != v.generation:
+                generation = v.generation
+                a, b = v.index.rows_between(self._promoted_seq, now)
+                base_rows = b
+                img._rebase(now, build_extents(new, a, b), new, (b, b))
+            elif top - base_rows > _LATEST_FOLD_ROWS:
+                img._rebase(now, extend_extents(img._extents, new, base_rows, top), new, (top, top))
+                base_rows = top
+            else:
+                img._rebase(now, img._extents, new, (base_rows, top))
+
+        img = PitImage(
+            volume=volume,
+            size=v.info.size,
+            seq=seq,
+            extents=extents,
+            recs=recs,
+            replica=v.replica,
+            segments=self._segments,
+            promoted_seq=lambda: self._promoted_seq,
+            on_close=self._image_closed,
+            refresh=refresh,
+        )
+        img.pin_seq = seq
+        self._images.add(img)
+        return img
+
+    # ------------------------------------------------------------------ promotion
+
+    def _write_state(self, **changes: Any) -> None:
+        self._state.update(changes)
+        write_json_atomic(self.directory / "state.json", self._state)
+
+    def _snapshots(self) -> dict[int, RecordSnapshot]:
+        return {vid: RecordSnapshot.of(v.index) for vid, v in self._by_id.items()}
+
+    def _promote_sync(
+        self, cp: Checkpoint, snaps: dict[int, RecordSnapshot], undo: UndoLog | None = None
+    ) -> int:
+        """Write the image at ``cp`` into the replicas (from the promoted watermark on) and
+        fdatasync them. Idempotent: redoing it after a crash writes the same bytes."""
+        total = 0
+        for vid, v in self._by_id.items():
+            recs = snaps[vid]
+            lo = int(np.searchsorted(recs.seq, self._promoted_seq, side="right"))
+            hi = int(np.searchsorted(recs.seq, cp.seq, side="right"))
+            ext = build_extents(recs, lo, hi)
+            total += self._apply(v.replica, vid, ext, recs, undo)
+        for v in self._by_id.values():
+            v.replica.sync()
+        return total
+
+    def _apply(
+        self,
+        replica: ReplicaFile,
+        vid: int,
+        ext: ExtentMap,
+        recs: RecordSnapshot,
+        undo: UndoLog | None,
+    ) -> int:
+        """Apply an extent map to a replica: zeroes as holes, writes read from the segments in
+        large sequential windows. With ``undo``, the old bytes are saved (and synced) first."""
+        starts, ends, vals = ext.starts, ext.ends, ext.values
+        total = int((ends - starts).sum()) if len(starts) else 0
+        lengths = ends - starts
+        bounds = np.searchsorted(np.cumsum(lengths), np.arange(_APPLY_CHUNK, total, _APPLY_CHUNK))
+        edges = [0, *np.unique(bounds + 1).tolist(), len(starts)]
+        for c in range(len(edges) - 1):
+            a, b = edges[c], min(edges[c + 1], len(starts))
+            if a >= b:
+                continue
+            s, e, v = starts[a:b], ends[a:b], vals[a:b]
+            if undo is not None:
+                for x, y in zip(s.tolist(), e.tolist(), strict=True):
+                    old = bytearray(y - x)
+                    replica.pread_into(memoryview(old), x)
+                    undo.save(vid, x, old)
+                undo.sync()
+            kinds = recs.kind[v]
+            w = kinds == int(RecordType.WRITE)
+            for x, y in zip(s[~w].tolist(), e[~w].tolist(), strict=True):
+                replica.zero(x, y - x)
+            self._apply_writes(replica, s[w], e[w], v[w], recs)
+        return total
+
+    def _apply_writes(
+        self,
+        replica: ReplicaFile,
+        s: npt.NDArray[np.int64],
+        e: npt.NDArray[np.int64],
+        v: npt.NDArray[np.int64],
+        recs: RecordSnapshot,
+    ) -> None:
+        if not len(s):
+            return
+        seg = recs.seg[v]
+        src = recs.pos[v] + (s - recs.offset[v])
+        order = np.lexsort((src, seg))
+        seg_l = seg[order].tolist()
+        src_l = src[order].tolist()
+        dst_l = s[order].tolist()
+        len_l = (e - s)[order].tolist()
+        n = len(order)
+        i = 0
+        while i < n:
+            segno, w0 = seg_l[i], src_l[i]
+            w1 = w0 + len_l[i]
+            j = i + 1
+            while (
+                j < n
+                and seg_l[j] == segno
+                and src_l[j] - w1 <= (1 << 20)
+                and src_l[j] + len_l[j] - w0 <= (32 << 20)
+            ):
+                w1 = max(w1, src_l[j] + len_l[j])
+                j += 1
+            fd = self._segments.acquire(segno)
+            if fd is None:
+                raise CorruptJournalError(f"segment {segno} missing during promotion")
+            try:
+                buf = os.pread(fd, w1 - w0, w0)
+            finally:
+                self._segments.release(segno)
+            if len(buf) != w1 - w0:
+                raise CorruptJournalError(f"segment {segno} shorter than its index says")
+            mv = memoryview(buf)
+            for k in range(i, j):
+                at = src_l[k] - w0
+                replica.pwrite(mv[at : at + len_l[k]], dst_l[k])
+            i = j
+
+    def _retention_promote_sync(self, cp: Checkpoint, snaps: dict[int, RecordSnapshot]) -> int:
+        self._write_state(promoting=cp.to_json())
+        total = self._promote_sync(cp, snaps)
+        self._write_state(
+            promoting=None,
+            promoted_seq=cp.seq,
+            floor=cp.to_json(),
+            next_seq=max(int(self._state["next_seq"]), cp.seq + 1),
+            next_cid=max(int(self._state["next_cid"]), cp.id + 1),
+        )
+        return total
+
+    def _after_promotion(self, cp: Checkpoint) -> None:
+        """Forget what the replica now holds: index rows, checkpoints, whole segments."""
+        self._promoted_seq = cp.seq
+        for v in self._volumes.values():
+            n = int(np.searchsorted(v.index.view("seq"), cp.seq, side="right"))
+            if n:
+                v.index.drop_prefix(n)
+                v.generation += 1
+        self.checkpoints.drop_through(cp.seq, cp)
+        for segno in sorted(self._seg_info):
+            if segno >= self._active_segno or self._seg_info[segno][1] > cp.seq:
+                break
+            self._segments.delete(segno)
+            del self._seg_info[segno]
+
+    async def promote(self, checkpoint: Checkpoint | int) -> int:
+        """Promote every record before ``checkpoint`` into the replicas; it becomes the oldest
+        checkpoint. Returns the bytes applied. Appends go on meanwhile."""
+        async with self._promote_lock:
+            if self._failover_phase is not None:
+                raise FailoverStateError("no retention promotion during a failover")
+            cp = self._resolve_checkpoint(checkpoint)
+            if cp.seq <= self._promoted_seq:
+                return 0
+            pin = self._min_pin()
+            if pin is not None and cp.seq > pin:
+                raise ImagesOpenError(
+                    f"an open image shows seq {pin}; cannot promote to seq {cp.seq}"
+                )
+            self._promoting_to = cp.seq
+            try:
+                total = await asyncio.to_thread(self._retention_promote_sync, cp, self._snapshots())
+            finally:
+                self._promoting_to = None
+            self._after_promotion(cp)
+            log.info(self._log("journal: promoted", checkpoint=cp.id, seq=cp.seq, bytes=total))
+            return total
+
+    def _sealed_usage(self) -> SegmentUsage:
+        sealed = [k for k in sorted(self._seg_info) if k < self._active_segno]
+        return SegmentUsage(
+            np.asarray([self._seg_info[k][1] for k in sealed], dtype=np.int64),
+            np.asarray([self._seg_info[k][2] for k in sealed], dtype=np.int64),
+        )
+
+    def used_bytes(self) -> int:
+        """Bytes of segment files on disk (the journal's use against its hard limit)."""
+        return sum(info[2] for info in self._seg_info.values())
+
+    def _plan(self, now_ns: int, capped: bool) -> Checkpoint | None:
+        cols = self.checkpoints.columns()
+        i = plan_promotion(
+            now_ns=now_ns,
+            policy=self.config.retention,
+            cp_seq=cols["seq"],
+            cp_time_ns=cols["time_ns"],
+            segments=self._sealed_usage(),
+            used_bytes=self.used_bytes(),
+            promoted_seq=self._promoted_seq,
+            max_seq=self._min_pin() if capped else None,
+        )
+        return None if i is None else self.checkpoints.by_id(int(cols["cid"][i]))
+
+    async def enforce_retention(self, now_ns: int | None = None) -> Checkpoint | None:
+        """Promote if history or the hard limit is exceeded; returns the new oldest checkpoint."""
+        if self._failover_phase is not None or self._promote_lock.locked():
+            return None
+        cp = self._plan(now_ns or time.time_ns(), capped=True)
+        if cp is None:
+            return None
+        await self.promote(cp)
+        return cp
+
+    def status(self, now_ns: int | None = None) -> JournalStatus:
+        now = now_ns or time.time_ns()
+        oldest = self.checkpoints.oldest()
+        wanted = self._plan(now, capped=False)
+        allowed = self._plan(now, capped=True)
+        blocked = None
+        if wanted is not None and (allowed is None or allowed.seq < wanted.seq):
+            blocked = self._min_pin()
+        return JournalStatus(
+            retention=history_status(
+                now_ns=now,
+                created_ns=int(self._state["created_ns"]),
+                policy=self.config.retention,
+                oldest_cp_time_ns=None if oldest is None else oldest.time_ns,
+                used_bytes=self.used_bytes(),
+            ),
+            oldest_checkpoint=oldest,
+            newest_checkpoint=self.checkpoints.newest(),
+            checkpoint_count=len(self.checkpoints),
+            promoted_seq=self._promoted_seq,
+            durable_seq=self._durable_seq,
+            failover_phase=self._failover_phase,
+            promotion_blocked_at_seq=blocked,
+        )
+
+    # ------------------------------------------------------------------ failover
+
+    @property
+    def failover_phase(self) -> str | None:
+        """None, or "promoted" between promote_to() and commit()/rollback()."""
+        return self._failover_phase
+
+    async def promote_to(self, checkpoint: Checkpoint | int) -> Checkpoint:
+        """Make every replica equal to its image at ``checkpoint`` (live failover).
+
+        Appends are refused until commit() or rollback(); no image may be open. See failover.py.
+        """
+        async with self._promote_lock:
+            if self._failover_phase is not None:
+                raise FailoverStateError(f"already in failover phase {self._failover_phase}")
+            self._check_open()
+            if self._images:
+                raise ImagesOpenError(f"{len(self._images)} images are open")
+            cp = self._resolve_checkpoint(checkpoint)
+            self._failover_phase = "promoting"
+            await self._drain()
+            try:
+                await asyncio.to_thread(self._promote_to_sync, cp, self._snapshots())
+            except BaseException:
+                await asyncio.to_thread(self._rollback_sync)
+                self._failover_phase = None
+                raise
+            self._failover_phase = "promoted"
+            log.info(self._log("journal: promoted to checkpoint for failover", checkpoint=cp.id))
+            return cp
+
+    def _promote_to_sync(self, cp: Checkpoint, snaps: dict[int, RecordSnapshot]) -> None:
+        self._write_state(failover={"phase": "promoting", "checkpoint": cp.to_json()})
+        undo = UndoLog(self.directory / "failover.undo")
+        try:
+            self._promote_sync(cp, snaps, undo)
+        finally:
+            undo.close()
+        self._write_state(failover={"phase": "promoted", "checkpoint": cp.to_json()})
+
+    async def commit(self) -> None:
+        """Keep the failover: the checkpoint becomes the promoted watermark; all records after
+        it are dropped (as are those before it, now in the replica)."""
+        async with self._promote_lock:
+            if self._failover_phase != "promoted":
+                raise FailoverStateError("commit() needs a promote_to() first")
+            cp = Checkpoint.from_json(self._state["failover"]["checkpoint"])
+            await asyncio.to_thread(self._commit_sync, cp)
+            self._failover_phase = None
+
+    def _commit_sync(self, cp: Checkpoint) -> None:
+        self._write_state(
+            failover={"phase": "committing", "checkpoint": cp.to_json()},
+            promoted_seq=cp.seq,
+            floor=cp.to_json(),
+            next_seq=max(int(self._state["next_seq"]), self._next_seq),
+            next_cid=max(int(self._state["next_cid"]), self._next_cid),
+        )
+        if self._writer is not None:
+            self._writer.close()
+        last = max([*self._seg_info, *list_segments(self._segdir), 0])
+        for segno in list_segments(self._segdir):
+            self._segments.delete(segno)
+            seg_path(self._segdir, segno).unlink(missing_ok=True)
+            seg_path(self._segdir, segno).with_suffix(".idx").unlink(missing_ok=True)
+        self._seg_info.clear()
+        fsync_dir(self._segdir)
+        self._promoted_seq = cp.seq
+        self._next_seq = int(self._state["next_seq"])
+        self._next_cid = int(self._state["next_cid"])
+        for v in self._volumes.values():
+            v.index = VolumeIndex()
+            v.generation += 1
+        self.checkpoints.drop_after(cp.seq)
+        self.checkpoints.drop_through(cp.seq, cp)
+        self._new_first_segment(last + 1)
+        UndoLog(self.directory / "failover.undo").remove()
+        self._write_state(failover=None)
+        log.info(self._log("journal: failover committed", checkpoint=cp.id, seq=cp.seq))
+
+    async def rollback(self) -> None:
+        """Undo promote_to(): the replicas and the journal are as before it; appends resume."""
+        async with self._promote_lock:
+            if self._failover_phase != "promoted":
+                raise FailoverStateError("rollback() needs a promote_to() first")
+            await asyncio.to_thread(self._rollback_sync)
+            self._failover_phase = None
+
+    def _rollback_sync(self) -> None:
+        fo = self._state.get("failover") or {}
+        self._write_state(failover={**fo, "phase": "rolling_back"})
+        undo = UndoLog(self.directory / "failover.undo")
+        n = undo.rollback({vid: v.replica for vid, v in self._by_id.items()})
+        undo.remove()
+        self._write_state(failover=None)
+        log.info(self._log("journal: failover rolled back", undo_entries=n))

@@ -1,0 +1,179 @@
+"""On-disk record and segment-header format.
+
+A segment file starts with a 64-byte segment header, then records back to back. A record is a
+56-byte header followed by ``payload_len`` bytes of payload::
+
+    offset size field
+         0    4 magic        b"SSJR"
+         4    1 version      RECORD_VERSION
+         5    1 type         RecordType
+         6    2 flags        0 (reserved)
+         8    4 volume       volume id (0xFFFFFFFF for records that belong to no volume)
+        12    4 payload_len  bytes of payload that follow the header
+        16    8 seq          VPG-wide sequence number, strictly increasing through the journal
+        24    8 offset       byte offset in the volume
+        32    8 length       byte length of the extent (== payload_len for WRITE, 0 for CHECKPOINT)
+        40    8 time_ns      wall-clock time the record was appended
+        48    4 crc          CRC32C over the header (with this field zero) and the payload
+        52    4 reserved     0
+
+All integers are little-endian. A CHECKPOINT record's payload is ``checkpoint id (u64), consistent
+(u8), tag length (u16), tag (utf-8)``.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+import google_crc32c
+
+__all__ = [
+    "HEADER",
+    "NO_VOLUME",
+    "RECORD_MAGIC",
+    "RECORD_VERSION",
+    "SEGMENT_HEADER",
+    "SEGMENT_MAGIC",
+    "SEGMENT_VERSION",
+    "CheckpointPayload",
+    "RecordHeader",
+    "RecordType",
+    "crc32c",
+    "crc_ok",
+    "decode_checkpoint",
+    "decode_header",
+    "decode_segment_header",
+    "encode_checkpoint",
+    "encode_header",
+    "encode_segment_header",
+]
+
+RECORD_MAGIC = b"SSJR"
+RECORD_VERSION = 1
+NO_VOLUME = 0xFFFFFFFF
+HEADER = struct.Struct("<4sBBHIIQQQQII")
+_CRC_AT = 48
+
+SEGMENT_MAGIC = b"SSJSEG\r\n"
+SEGMENT_VERSION = 1
+#: magic, version, header size, segment number, first sequence number, created ns, crc, padding
+SEGMENT_HEADER = struct.Struct("<8sHHQQQI24x")
+assert HEADER.size == 56 and SEGMENT_HEADER.size == 64
+
+_CHECKPOINT = struct.Struct("<QBH")
+
+
+def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
+    """CRC32C of ``data``, continuing ``crc``. (google_crc32c takes only ``bytes``.)"""
+    if not isinstance(data, bytes):
+        data = bytes(data)
+    return int(google_crc32c.extend(crc, data))
+
+
+class RecordType(enum.IntEnum):
+    """What a record means. Values are on disk: never renumber."""
+
+    WRITE = 1
+    ZERO = 2
+    TRIM = 3
+    CHECKPOINT = 4
+
+
+@dataclass(frozen=True, slots=True)
+class RecordHeader:
+    type: RecordType
+    volume: int
+    payload_len: int
+    seq: int
+    offset: int
+    length: int
+    time_ns: int
+    crc: int
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointPayload:
+    checkpoint_id: int
+    consistent: bool
+    tag: str | None
+
+
+def encode_header(
+    rtype: RecordType,
+    volume: int,
+    seq: int,
+    offset: int,
+    length: int,
+    time_ns: int,
+    payload: bytes | memoryview,
+) -> bytes:
+    """Return the header for ``payload``, its CRC filled in."""
+    plen = len(payload)
+    raw = HEADER.pack(
+        RECORD_MAGIC, RECORD_VERSION, rtype, 0, volume, plen, seq, offset, length, time_ns, 0, 0
+    )
+    crc = crc32c(payload, crc32c(raw))
+    return raw[:_CRC_AT] + struct.pack("<I", crc) + raw[_CRC_AT + 4 :]
+
+
+def decode_header(buf: bytes | memoryview, at: int = 0) -> RecordHeader | None:
+    """Parse a header at ``buf[at:]``; None on bad magic, version or type."""
+    if len(buf) - at < HEADER.size:
+        return None
+    magic, version, rtype, _flags, volume, plen, seq, offset, length, time_ns, crc, _r = (
+        HEADER.unpack_from(buf, at)
+    )
+    if magic != RECORD_MAGIC or version != RECORD_VERSION or rtype not in _TYPES:
+        return None
+    return RecordHeader(RecordType(rtype), volume, plen, seq, offset, length, time_ns, crc)
+
+
+_TYPES = frozenset(int(t) for t in RecordType)
+
+
+def crc_ok(header_bytes: bytes | memoryview, payload: bytes | memoryview, expected: int) -> bool:
+    """Check a record's CRC given its raw header (crc field as stored) and payload."""
+    hb = bytes(header_bytes[: HEADER.size])
+    zeroed = hb[:_CRC_AT] + b"\0\0\0\0" + hb[_CRC_AT + 4 :]
+    return crc32c(payload, crc32c(zeroed)) == expected
+
+
+def encode_checkpoint(p: CheckpointPayload) -> bytes:
+    tag = (p.tag or "").encode()
+    if len(tag) > 0xFFFF:
+        raise ValueError("checkpoint tag longer than 65535 bytes")
+    # An empty tag on disk means "no tag"; tags are never empty strings in the API.
+    return _CHECKPOINT.pack(p.checkpoint_id, 1 if p.consistent else 0, len(tag)) + tag
+
+
+def decode_checkpoint(payload: bytes | memoryview) -> CheckpointPayload:
+    cid, consistent, tlen = _CHECKPOINT.unpack_from(payload, 0)
+    if _CHECKPOINT.size + tlen != len(payload):
+        raise ValueError("checkpoint payload length mismatch")
+    tag = bytes(payload[_CHECKPOINT.size :]).decode() or None
+    return CheckpointPayload(cid, bool(consistent), tag)
+
+
+def encode_segment_header(segno: int, first_seq: int, created_ns: int) -> bytes:
+    raw = SEGMENT_HEADER.pack(
+        SEGMENT_MAGIC, SEGMENT_VERSION, SEGMENT_HEADER.size, segno, first_seq, created_ns, 0
+    )
+    crc = crc32c(raw)
+    return SEGMENT_HEADER.pack(
+        SEGMENT_MAGIC, SEGMENT_VERSION, SEGMENT_HEADER.size, segno, first_seq, created_ns, crc
+    )
+
+
+def decode_segment_header(buf: bytes) -> tuple[int, int, int] | None:
+    """Return (segment number, first seq, created ns), or None if the header is bad."""
+    if len(buf) < SEGMENT_HEADER.size:
+        return None
+    magic, version, hsize, segno, first_seq, created_ns, crc = SEGMENT_HEADER.unpack_from(buf)
+    if magic != SEGMENT_MAGIC or version != SEGMENT_VERSION or hsize != SEGMENT_HEADER.size:
+        return None
+    check = SEGMENT_HEADER.pack(magic, version, hsize, segno, first_seq, created_ns, 0)
+    if crc32c(check) != crc:
+        return None
+    return segno, first_seq, created_ns

@@ -1,0 +1,346 @@
+"""Segment files: naming, scanning (with torn-tail detection), per-segment index sidecars, and
+reference-counted read handles.
+
+Layout of a journal directory's ``segments/`` folder::
+
+    0000000000000001.seg   segment 1: 64-byte segment header, then records (see record.py)
+    0000000000000001.idx   index sidecar of segment 1, written once the segment is sealed
+    0000000000000002.seg   the active segment (no sidecar yet)
+
+Segment numbers increase by one and sort lexically, so the order is obvious from a listing. A
+sidecar holds the segment's index columns and checkpoint rows so that opening a journal reads
+only the active segment; a sidecar that is missing, damaged or does not match its segment's size
+is ignored and the segment is scanned instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .errors import CorruptJournalError
+from .record import (
+    HEADER,
+    NO_VOLUME,
+    SEGMENT_HEADER,
+    RecordType,
+    crc32c,
+    crc_ok,
+    decode_checkpoint,
+    decode_header,
+    decode_segment_header,
+)
+
+__all__ = [
+    "SegmentScan",
+    "SegmentSet",
+    "fsync_dir",
+    "idx_path",
+    "list_segments",
+    "load_sidecar",
+    "scan_segment",
+    "seg_path",
+    "write_sidecar",
+]
+
+SCAN_CHUNK = 16 << 20
+
+REC_COLS = ("seq", "vol", "offset", "length", "pos", "kind")
+CP_COLS = ("cid", "seq", "time_ns", "consistent")
+
+_SIDECAR_MAGIC = b"SSJIDX\r\n"
+_SIDECAR_VERSION = 1
+_SIDECAR = struct.Struct("<8sHIQQQII")
+
+
+def seg_path(directory: Path, segno: int) -> Path:
+    return directory / f"{segno:016d}.seg"
+
+
+def idx_path(directory: Path, segno: int) -> Path:
+    return directory / f"{segno:016d}.idx"
+
+
+def list_segments(directory: Path) -> list[int]:
+    """Segment numbers present in ``directory``, ascending."""
+    out = []
+    for p in directory.glob("*.seg"):
+        try:
+            out.append(int(p.stem))
+        except ValueError:
+            continue
+    return sorted(out)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class SegmentScan:
+    """What one segment holds: index columns of its records and its checkpoint rows."""
+
+    segno: int
+    first_seq: int
+    created_ns: int
+    valid_end: int
+    file_size: int
+    records: dict[str, npt.NDArray[Any]]
+    checkpoints: dict[str, npt.NDArray[Any]]
+    tags: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def torn_bytes(self) -> int:
+        return self.file_size - self.valid_end
+
+    @property
+    def last_seq(self) -> int:
+        """Highest sequence number in the segment (first_seq - 1 if it holds no record)."""
+        seqs = [self.first_seq - 1]
+        if len(self.records["seq"]):
+            seqs.append(int(self.records["seq"][-1]))
+        if len(self.checkpoints["seq"]):
+            seqs.append(int(self.checkpoints["seq"][-1]))
+        return max(seqs)
+
+
+def _empty_cols(names: tuple[str, ...], kinds: dict[str, Any]) -> dict[str, npt.NDArray[Any]]:
+    return {k: np.zeros(0, dtype=kinds[k]) for k in names}
+
+
+REC_DTYPES: dict[str, Any] = {
+    "seq": np.int64,
+    "vol": np.int64,
+    "offset": np.int64,
+    "length": np.int64,
+    "pos": np.int64,
+    "kind": np.uint8,
+}
+CP_DTYPES: dict[str, Any] = {
+    "cid": np.int64,
+    "seq": np.int64,
+    "time_ns": np.int64,
+    "consistent": np.bool_,
+}
+
+
+def scan_segment(path: Path, *, verify_crc: bool, after_seq: int = -1) -> SegmentScan:
+    """Read a segment's records front to back until the first invalid one.
+
+    With ``verify_crc`` every record's CRC is checked (payloads are read); without it, payloads of
+    large records are skipped by seeking and only headers are checked for plausibility. The scan
+    stops at the first record that is truncated, implausible, out of sequence or fails its CRC:
+    ``valid_end`` is where it stopped. Raises CorruptJournalError if the segment header is bad.
+    """
+    cols: dict[str, list[int]] = {k: [] for k in REC_COLS}
+    cps: dict[str, list[int]] = {k: [] for k in CP_COLS}
+    tags: dict[int, str] = {}
+    with open(path, "rb", buffering=0) as f:
+        file_size = os.fstat(f.fileno()).st_size
+        hdr = decode_segment_header(f.read(SEGMENT_HEADER.size))
+        if hdr is None:
+            raise CorruptJournalError(f"bad segment header in {path.name}")
+        segno, first_seq, created_ns = hdr
+        pos = SEGMENT_HEADER.size
+        last_seq = max(first_seq - 1, after_seq)
+        chunk = b""
+        chunk_at = pos
+        fd = f.fileno()
+        while pos + HEADER.size <= file_size:
+            rel = pos - chunk_at
+            if rel < 0 or rel + HEADER.size > len(chunk):
+                chunk = os.pread(fd, SCAN_CHUNK, pos)
+                chunk_at, rel = pos, 0
+            h = decode_header(chunk, rel)
+            if h is None or h.seq <= last_seq or not _plausible(h):
+                break
+            end = pos + HEADER.size + h.payload_len
+            if end > file_size:
+                break
+            if verify_crc:
+                if rel + HEADER.size + h.payload_len <= len(chunk):
+                    hb = memoryview(chunk)[rel : rel + HEADER.size]
+                    payload: bytes | memoryview = memoryview(chunk)[
+                        rel + HEADER.size : rel + HEADER.size + h.payload_len
+                    ]
+                else:
+                    whole = os.pread(fd, HEADER.size + h.payload_len, pos)
+                    hb, payload = memoryview(whole)[: HEADER.size], memoryview(whole)[HEADER.size :]
+                if not crc_ok(hb, payload, h.crc):
+                    break
+            if h.type == RecordType.CHECKPOINT:
+                if verify_crc:
+                    cpp = decode_checkpoint(payload)
+                else:
+                    cpp = decode_checkpoint(os.pread(fd, h.payload_len, pos + HEADER.size))
+                cps["cid"].append(cpp.checkpoint_id)
+                cps["seq"].append(h.seq)
+                cps["time_ns"].append(h.time_ns)
+                cps["consistent"].append(int(cpp.consistent))
+                if cpp.tag is not None:
+                    tags[cpp.checkpoint_id] = cpp.tag
+            else:
+                cols["seq"].append(h.seq)
+                cols["vol"].append(h.volume)
+                cols["offset"].append(h.offset)
+                cols["length"].append(h.length)
+                cols["pos"].append(pos + HEADER.size)
+                cols["kind"].append(int(h.type))
+            last_seq = h.seq
+            pos = end
+    return SegmentScan(
+        segno=segno,
+        first_seq=first_seq,
+        created_ns=created_ns,
+        valid_end=pos,
+        file_size=file_size,
+        records={k: np.asarray(v, dtype=REC_DTYPES[k]) for k, v in cols.items()},
+        checkpoints={k: np.asarray(v, dtype=CP_DTYPES[k]) for k, v in cps.items()},
+        tags=tags,
+    )
+
+
+def _plausible(h: Any) -> bool:
+    if h.type == RecordType.WRITE:
+        return bool(h.payload_len == h.length and h.volume != NO_VOLUME)
+    if h.type in (RecordType.ZERO, RecordType.TRIM):
+        return bool(h.payload_len == 0 and h.volume != NO_VOLUME)
+    return bool(h.type == RecordType.CHECKPOINT and h.volume == NO_VOLUME and h.length == 0)
+
+
+def write_sidecar(directory: Path, scan: SegmentScan) -> None:
+    """Persist a sealed segment's index (tmp file + fsync + rename; the dir is fsynced later)."""
+    parts = [np.ascontiguousarray(scan.records[k], dtype=REC_DTYPES[k]).tobytes() for k in REC_COLS]
+    parts += [
+        np.ascontiguousarray(scan.checkpoints[k], dtype=CP_DTYPES[k]).tobytes() for k in CP_COLS
+    ]
+    tags = json.dumps({str(k): v for k, v in scan.tags.items()}).encode()
+    parts.append(tags)
+    body = b"".join(parts)
+    crc = crc32c(body)
+    head = _SIDECAR.pack(
+        _SIDECAR_MAGIC,
+        _SIDECAR_VERSION,
+        scan.segno,
+        scan.valid_end,
+        len(scan.records["seq"]),
+        len(scan.checkpoints["seq"]),
+        len(tags),
+        crc,
+    )
+    final = idx_path(directory, scan.segno)
+    tmp = final.with_suffix(".idx.tmp")
+    with open(tmp, "wb") as f:
+        f.write(head + body)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def load_sidecar(
+    directory: Path, segno: int, first_seq: int, created_ns: int
+) -> SegmentScan | None:
+    """Load a sidecar if it is intact and matches its segment file; None otherwise."""
+    try:
+        raw = idx_path(directory, segno).read_bytes()
+        seg_size = seg_path(directory, segno).stat().st_size
+    except FileNotFoundError:
+        return None
+    if len(raw) < _SIDECAR.size:
+        return None
+    magic, version, sno, size, nrec, ncp, tlen, crc = _SIDECAR.unpack_from(raw)
+    body = memoryview(raw)[_SIDECAR.size :]
+    if (
+        magic != _SIDECAR_MAGIC
+        or version != _SIDECAR_VERSION
+        or sno != segno
+        or size != seg_size
+        or crc32c(body) != crc
+    ):
+        return None
+    at = 0
+    recs: dict[str, npt.NDArray[Any]] = {}
+    for k in REC_COLS:
+        dt = np.dtype(REC_DTYPES[k])
+        recs[k] = np.frombuffer(body, dtype=dt, count=nrec, offset=at).copy()
+        at += dt.itemsize * nrec
+    cps: dict[str, npt.NDArray[Any]] = {}
+    for k in CP_COLS:
+        dt = np.dtype(CP_DTYPES[k])
+        cps[k] = np.frombuffer(body, dtype=dt, count=ncp, offset=at).copy()
+        at += dt.itemsize * ncp
+    if at + tlen != len(body):
+        return None
+    tags = {int(k): str(v) for k, v in json.loads(bytes(body[at:]).decode()).items()}
+    return SegmentScan(segno, first_seq, created_ns, size, size, recs, cps, tags)
+
+
+class _Handle:
+    __slots__ = ("deleted", "fd", "path", "refs")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        self.refs = 0
+        self.deleted = False
+
+
+class SegmentSet:
+    """Read handles of the journal's segments, reference counted so that a segment can be deleted
+    (after promotion) while a reader is in the middle of a pread: the fd is closed by whichever of
+    delete() and the last release() comes second."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._handles: dict[int, _Handle] = {}
+
+    def add(self, segno: int, path: Path) -> None:
+        with self._lock:
+            self._handles[segno] = _Handle(path)
+
+    def acquire(self, segno: int) -> int | None:
+        with self._lock:
+            h = self._handles.get(segno)
+            if h is None:
+                return None
+            h.refs += 1
+            return h.fd
+
+    def release(self, segno: int) -> None:
+        with self._lock:
+            h = self._handles[segno]
+            h.refs -= 1
+            if h.deleted and h.refs == 0:
+                os.close(h.fd)
+                del self._handles[segno]
+
+    def delete(self, segno: int) -> None:
+        """Forget a segment for new readers, unlink its files, close when the last reader leaves."""
+        with self._lock:
+            h = self._handles.get(segno)
+            if h is None:
+                return
+            h.deleted = True
+            h.path.unlink(missing_ok=True)
+            h.path.with_suffix(".idx").unlink(missing_ok=True)
+            if h.refs == 0:
+                os.close(h.fd)
+                del self._handles[segno]
+
+    def close(self) -> None:
+        with self._lock:
+            for h in self._handles.values():
+                os.close(h.fd)
+            self._handles.clear()
