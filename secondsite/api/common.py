@@ -92,6 +92,22 @@ def _add_rules(schema: dict[str, Any], model: type[Any]) -> None:
         schema["x-kubernetes-validations"] = [rule.to_validation() for rule in rules]
 
 
+def _check_unique_entries(name: str, value: Any, schema: dict[str, Any]) -> None:
+    """Entries of an `x-kubernetes-list-type` map (by its keys) or set must be unique."""
+    list_type = schema.get("x-kubernetes-list-type")
+    if value is None or list_type not in ("map", "set"):
+        return
+    if list_type == "map":
+        keys: list[str] = schema["x-kubernetes-list-map-keys"]
+        entries = [item.model_dump(mode="json") for item in value]
+        value = [tuple(entry.get(key) for key in keys) for entry in entries]
+    seen = set()
+    for entry in value:
+        if entry in seen:
+            raise ValueError(f"{name} has a duplicate entry: {entry}")
+        seen.add(entry)
+
+
 class ApiModel(BaseModel):
     """Base of every spec and status model (see the module docstring for the conventions)."""
 
@@ -111,7 +127,12 @@ class ApiModel(BaseModel):
 
     @model_validator(mode="after")
     def validate_rules(self) -> Self:
-        """Apply the Python side of this model's `cel_rules`."""
+        """Check what the API server checks beyond types: unique list entries, `cel_rules`."""
+        for name, field in type(self).model_fields.items():
+            if isinstance(field.json_schema_extra, dict):
+                _check_unique_entries(
+                    field.alias or name, getattr(self, name), field.json_schema_extra
+                )
         for rule in type(self).cel_rules:
             if rule.check is not None and not rule.check(self):
                 raise ValueError(rule.message)

@@ -30,9 +30,8 @@ class JournalPolicy(ApiModel):
         Rule(
             # An int-or-string is an int or a string in CEL; the schema's pattern reports a
             # malformed string, so only well-formed ones are compared here.
-            cel="type(self.hardLimit) == string"
-            " ? (!isQuantity(self.hardLimit) || quantity(self.hardLimit).sign() == 1)"
-            " : self.hardLimit > 0",
+            cel="type(self.hardLimit) == string ? (!isQuantity(self.hardLimit)"
+            " || quantity(self.hardLimit).isGreaterThan(quantity('0'))) : self.hardLimit > 0",
             message="hardLimit must be greater than zero",
             check=lambda policy: parse_quantity(policy.hard_limit) > 0,
             field_path=".hardLimit",

@@ -36,15 +36,10 @@ class VpgVolumes(ApiModel):
         ),
     )
 
-    names: (
-        Annotated[
-            list[ObjectName],
-            Field(
-                min_length=1, max_length=128, json_schema_extra={"x-kubernetes-list-type": "set"}
-            ),
-        ]
-        | None
-    ) = None
+    names: Annotated[
+        list[ObjectName] | None,
+        Field(min_length=1, max_length=128, json_schema_extra={"x-kubernetes-list-type": "set"}),
+    ] = None
     """Names of the PersistentVolumeClaims."""
     selector: LabelSelector | None = None
     """A label selector of the PersistentVolumeClaims."""
