@@ -142,7 +142,7 @@ class _Volume:
     """Bumped whenever index rows are dropped (row numbers change)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class PendingAppend:
     """A submitted record: its sequence number now, durability later (``await pending``)."""
 
