@@ -1,0 +1,130 @@
+"""Fixtures for the NBD server tests: a server on a unix socket with a few exports.
+
+Every async test here runs twice, on asyncio's event loop and on uvloop (the appliance's), and
+fails if the loop reports an unhandled exception (a callback or task that raised).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import uvloop
+from nbd_client import ExportInfo, NBDClient, connect_and_go
+
+from secondsite.appliance.nbd import (
+    DictExportProvider,
+    Export,
+    MemoryExport,
+    NBDServer,
+    ServerSettings,
+    serve_unix,
+)
+
+MiB = 1024 * 1024
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+class RecordingProvider(DictExportProvider):
+    """Shared exports by name, recording every open and release."""
+
+    def __init__(self, exports: Mapping[str, Export], *, default: str | None = None) -> None:
+        super().__init__(exports, default=default)
+        self.opened: list[Export] = []
+        self.released: list[Export] = []
+        self.released_event = asyncio.Event()
+
+    def add(self, name: str, export: Export) -> None:
+        self._exports[name] = export
+
+    async def open_export(self, name: str) -> Export:
+        export = await super().open_export(name)
+        self.opened.append(export)
+        return export
+
+    async def release_export(self, export: Export) -> None:
+        self.released.append(export)
+        self.released_event.set()
+
+    async def wait_released(self, count: int, timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout):
+            while len(self.released) < count:
+                self.released_event.clear()
+                await self.released_event.wait()
+
+
+@dataclass
+class Harness:
+    """A running server and what it serves."""
+
+    server: NBDServer
+    path: str
+    provider: RecordingProvider
+    exports: dict[str, Export] = field(default_factory=dict)
+
+    async def client(self, name: str = "mem", **kwargs: Any) -> NBDClient:
+        client, _ = await connect_and_go(self.path, name, **kwargs)
+        return client
+
+    async def client_info(self, name: str = "mem", **kwargs: Any) -> tuple[NBDClient, ExportInfo]:
+        return await connect_and_go(self.path, name, **kwargs)
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[str]:
+    # Short path: unix socket paths are limited to 107 bytes, pytest's tmp_path can be longer.
+    path = tempfile.mkdtemp(prefix="nbdt", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def settings() -> ServerSettings:
+    return ServerSettings(handshake_timeout=10.0, drain_timeout=5.0)
+
+
+@pytest.fixture
+def exports() -> dict[str, Export]:
+    return {
+        "mem": MemoryExport(16 * MiB, description="scratch memory"),
+        "ro": MemoryExport(1 * MiB, read_only=True),
+        "tiny": MemoryExport(4096),
+    }
+
+
+@pytest.fixture(autouse=True)
+def loop_errors() -> Iterator[list[dict[str, Any]]]:
+    """Exceptions the event loop saw that nobody handled (the server fixture collects them);
+    the test fails if there are any."""
+    errors: list[dict[str, Any]] = []
+    yield errors
+    assert not errors, f"unhandled exceptions in the event loop: {errors}"
+
+
+@pytest.fixture
+async def nbd(
+    socket_dir: str,
+    settings: ServerSettings,
+    exports: dict[str, Export],
+    loop_errors: list[dict[str, Any]],
+) -> AsyncIterator[Harness]:
+    asyncio.get_running_loop().set_exception_handler(
+        lambda _loop, context: loop_errors.append(context)
+    )
+    provider = RecordingProvider(exports, default="mem")
+    path = f"{socket_dir}/nbd.sock"
+    server = await serve_unix(path, provider, settings=settings)
+    try:
+        yield Harness(server, path, provider, exports)
+    finally:
+        await server.close()
