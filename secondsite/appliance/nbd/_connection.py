@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import enum
 import errno
+import itertools
 import logging
 import socket
 import types
@@ -60,6 +61,7 @@ _ZERO_FLAGS: Final = w.CMD_FLAG_FUA | w.CMD_FLAG_NO_HOLE | w.CMD_FLAG_FAST_ZERO
 _STATUS_FLAGS: Final = w.CMD_FLAG_FUA | w.CMD_FLAG_REQ_ONE
 _META_CONTEXT_ID: Final = 1
 _NOT_STARTED: Final = object()
+_connection_ids = itertools.count(1)
 
 
 class _Phase(enum.Enum):
@@ -157,6 +159,7 @@ class Connection(asyncio.BufferedProtocol):
         self._batching = False
         self._flush_scheduled = False
         self._cleanup: asyncio.Task[None] | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio protocol callbacks ---------------------------------------------------------------
 
@@ -165,7 +168,8 @@ class Connection(asyncio.BufferedProtocol):
         transport = cast(asyncio.Transport, transport)
         self._transport = transport
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
+        where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
+        self.peer = f"{where}#{next(_connection_ids)}"
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):  # best effort
@@ -210,11 +214,11 @@ class Connection(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         if self._phase is _Phase.TRANSMITTING:
-            # Keep the socket open for the replies still owed, then close.
-            self._phase = _Phase.CLOSING
-            self._maybe_close()
+            # Keep the socket open for the replies still owed (the client may have shut down
+            # only its sending side), then close.
+            self._start_closing()
             return True
-        return False
+        return self._phase is _Phase.CLOSING
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -226,6 +230,8 @@ class Connection(asyncio.BufferedProtocol):
         self._kick()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
         self._lost = True
         self._phase = _Phase.CLOSED
         self._payload = self._payload_view = None
@@ -244,9 +250,25 @@ class Connection(asyncio.BufferedProtocol):
         if self._phase is _Phase.NEGOTIATING:
             self._transport.abort()
             return
+        self._start_closing()
+
+    def _start_closing(self) -> None:
+        """Take no more requests; close once those in flight are answered, or drop the
+        connection and cancel them if that takes longer than the drain timeout."""
+        if self._phase is not _Phase.TRANSMITTING:
+            return
         self._phase = _Phase.CLOSING
         self._update_reading()
+        if self._tasks:
+            self._drain_timer = self._loop.call_later(
+                self._settings.drain_timeout, self._drain_expired
+            )
         self._maybe_close()
+
+    def _drain_expired(self) -> None:
+        self._warn("nbd requests still running %.1fs after close", self._settings.drain_timeout)
+        self.cancel_requests()
+        self.abort()
 
     def abort(self) -> None:
         """Drop the connection now."""
@@ -773,8 +795,7 @@ class Connection(asyncio.BufferedProtocol):
                 return
             coro = export.block_status(offset, length)
         elif cmd == w.CMD_DISC:
-            self._phase = _Phase.CLOSING
-            self._maybe_close()
+            self._start_closing()
             return
         else:
             self._reject(cmd, handle, w.NBD_EINVAL, f"unknown command {cmd}")

@@ -10,74 +10,19 @@ import asyncio
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import uvloop
-from nbd_client import ExportInfo, NBDClient, connect_and_go
+from nbd_helpers import Harness, MiB, RecordingProvider
 
-from secondsite.appliance.nbd import (
-    DictExportProvider,
-    Export,
-    MemoryExport,
-    NBDServer,
-    ServerSettings,
-    serve_unix,
-)
-
-MiB = 1024 * 1024
+from secondsite.appliance.nbd import Export, MemoryExport, ServerSettings, serve_unix
 
 
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
     return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
-
-
-class RecordingProvider(DictExportProvider):
-    """Shared exports by name, recording every open and release."""
-
-    def __init__(self, exports: Mapping[str, Export], *, default: str | None = None) -> None:
-        super().__init__(exports, default=default)
-        self.opened: list[Export] = []
-        self.released: list[Export] = []
-        self.released_event = asyncio.Event()
-
-    def add(self, name: str, export: Export) -> None:
-        self._exports[name] = export
-
-    async def open_export(self, name: str) -> Export:
-        export = await super().open_export(name)
-        self.opened.append(export)
-        return export
-
-    async def release_export(self, export: Export) -> None:
-        self.released.append(export)
-        self.released_event.set()
-
-    async def wait_released(self, count: int, timeout: float = 10.0) -> None:
-        async with asyncio.timeout(timeout):
-            while len(self.released) < count:
-                self.released_event.clear()
-                await self.released_event.wait()
-
-
-@dataclass
-class Harness:
-    """A running server and what it serves."""
-
-    server: NBDServer
-    path: str
-    provider: RecordingProvider
-    exports: dict[str, Export] = field(default_factory=dict)
-
-    async def client(self, name: str = "mem", **kwargs: Any) -> NBDClient:
-        client, _ = await connect_and_go(self.path, name, **kwargs)
-        return client
-
-    async def client_info(self, name: str = "mem", **kwargs: Any) -> tuple[NBDClient, ExportInfo]:
-        return await connect_and_go(self.path, name, **kwargs)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ tests fail on a malformed reply, not only on wrong data. It can also send arbitr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 from dataclasses import dataclass, field
 
@@ -97,10 +98,8 @@ class NBDClient:
 
     async def close(self) -> None:
         self.writer.close()
-        try:
+        with contextlib.suppress(ConnectionError):
             await self.writer.wait_closed()
-        except (ConnectionError, BrokenPipeError):
-            pass
 
     async def __aenter__(self) -> NBDClient:
         return self
@@ -194,7 +193,9 @@ class NBDClient:
             + struct.pack(f">H{len(requests)}H", len(requests), *requests)
         )
 
-    async def info(self, name: str, requests: tuple[int, ...] = (), *, go: bool = False) -> ExportInfo:
+    async def info(
+        self, name: str, requests: tuple[int, ...] = (), *, go: bool = False
+    ) -> ExportInfo:
         replies = await self.option(
             w.OPT_GO if go else w.OPT_INFO, self.info_payload(name, requests)
         )
@@ -350,9 +351,7 @@ class NBDClient:
             if len(payload) < 12 or (len(payload) - 4) % 8:
                 raise ProtocolViolation("block status chunk length")
             (context_id,) = struct.unpack_from(">I", payload)
-            extents = [
-                struct.unpack_from(">II", payload, pos) for pos in range(4, len(payload), 8)
-            ]
+            extents = [struct.unpack_from(">II", payload, pos) for pos in range(4, len(payload), 8)]
             if any(length == 0 for length, _ in extents):
                 raise ProtocolViolation("zero-length extent")
             if sum(length for length, _ in extents[:-1]) >= pending.length:
@@ -384,9 +383,7 @@ class NBDClient:
     async def call(
         self, cmd: int, offset: int = 0, length: int = 0, *, flags: int = 0, payload: bytes = b""
     ) -> Reply:
-        reply = await self.reply(
-            self.request(cmd, offset, length, flags=flags, payload=payload)
-        )
+        reply = await self.reply(self.request(cmd, offset, length, flags=flags, payload=payload))
         if reply.error:
             raise ReplyError(reply.error, reply.message)
         return reply

@@ -5,8 +5,8 @@ from __future__ import annotations
 import struct
 
 import pytest
-from conftest import MiB, Harness
 from nbd_client import NBDClient, OptionFailed
+from nbd_helpers import Harness, MiB
 
 from secondsite.appliance.nbd import BlockSizes, MemoryExport, ServerSettings
 from secondsite.appliance.nbd import _wire as w
