@@ -273,8 +273,11 @@ class Journal:
 
     def _scan_segments(self) -> list[SegmentScan]:
         segnos = list_segments(self._segdir)
+        for idx in self._segdir.glob("*.idx"):
+            if not idx.with_suffix(".seg").exists():
+                idx.unlink()  # a sidecar written just after its segment was promoted away
         scans: list[SegmentScan] = []
-        last_seq = self._promoted_seq
+        prev_last = -1
         for k, segno in enumerate(segnos):
             path = seg_path(self._segdir, segno)
             is_last = k == len(segnos) - 1
@@ -308,11 +311,11 @@ class Journal:
                     f.truncate(scan.valid_end)
                     os.fsync(f.fileno())
                 scan.file_size = scan.valid_end
-            if len(scan.records["seq"]) and int(scan.records["seq"][0]) <= last_seq and scans:
-                raise CorruptJournalError(f"segment {segno} overlaps the previous one in seq")
-            if scan.first_seq <= last_seq and scans:
-                raise CorruptJournalError(f"segment {segno} starts at seq {scan.first_seq}")
-            last_seq = max(last_seq, scan.last_seq)
+            if scan.first_seq <= prev_last:
+                raise CorruptJournalError(
+                    f"segment {segno} starts at seq {scan.first_seq}, not after {prev_last}"
+                )
+            prev_last = scan.last_seq
             scans.append(scan)
         # Segments fully promoted before a crash could delete them.
         while len(scans) > 1 and scans[0].last_seq <= self._promoted_seq:
@@ -703,6 +706,10 @@ class Journal:
             self._io, write_sidecar, self._segdir, scan
         )
         fut.add_done_callback(self._sidecar_done)
+
+    def _write_sidecar(self, scan: SegmentScan) -> None:
+        if seg_path(self._segdir, scan.segno).exists():  # not promoted away meanwhile
+            write_sidecar(self._segdir, scan)
 
     def _sidecar_done(self, fut: asyncio.Future[None]) -> None:
         exc = fut.exception()

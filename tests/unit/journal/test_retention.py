@@ -29,19 +29,38 @@ def test_plan_by_time_keeps_the_configured_history() -> None:
     segs = SegmentUsage(np.zeros(0, np.int64), np.zeros(0, np.int64))
     pol = RetentionPolicy(history_seconds=4)
     i = plan_promotion(
-        now_ns=11 * S, policy=pol, cp_seq=seq, cp_time_ns=times, segments=segs,
-        used_bytes=0, promoted_seq=0,
+        now_ns=11 * S,
+        policy=pol,
+        cp_seq=seq,
+        cp_time_ns=times,
+        segments=segs,
+        used_bytes=0,
+        promoted_seq=0,
     )
     assert i is not None and times[i] < 7 * S and times[i + 1] >= 7 * S  # newest before now-4s
     capped = plan_promotion(
-        now_ns=11 * S, policy=pol, cp_seq=seq, cp_time_ns=times, segments=segs,
-        used_bytes=0, promoted_seq=0, max_seq=35,
+        now_ns=11 * S,
+        policy=pol,
+        cp_seq=seq,
+        cp_time_ns=times,
+        segments=segs,
+        used_bytes=0,
+        promoted_seq=0,
+        max_seq=35,
     )
     assert capped == 2  # open images pin seq 35: checkpoint at seq 30 at most
-    assert plan_promotion(
-        now_ns=11 * S, policy=pol, cp_seq=seq, cp_time_ns=times, segments=segs,
-        used_bytes=0, promoted_seq=int(seq[i]),
-    ) is None
+    assert (
+        plan_promotion(
+            now_ns=11 * S,
+            policy=pol,
+            cp_seq=seq,
+            cp_time_ns=times,
+            segments=segs,
+            used_bytes=0,
+            promoted_seq=int(seq[i]),
+        )
+        is None
+    )
 
 
 def test_plan_by_size_frees_whole_segments() -> None:
@@ -51,28 +70,38 @@ def test_plan_by_size_frees_whole_segments() -> None:
     pol = RetentionPolicy(history_seconds=10**6, hard_limit_bytes=350, size_low_water=0.8)
     # used 400 > 350; goal 280: drop the first two segments (last seqs 9, 19) -> cp seq 25.
     i = plan_promotion(
-        now_ns=104 * S, policy=pol, cp_seq=seq, cp_time_ns=times, segments=segs,
-        used_bytes=400, promoted_seq=0,
+        now_ns=104 * S,
+        policy=pol,
+        cp_seq=seq,
+        cp_time_ns=times,
+        segments=segs,
+        used_bytes=400,
+        promoted_seq=0,
     )
     assert i == 2
 
 
 def test_history_status_levels() -> None:
     pol = RetentionPolicy(history_seconds=100, hard_limit_bytes=1000, warning_percent=80)
-    ok = history_status(now_ns=1000 * S, created_ns=0, policy=pol, oldest_cp_time_ns=895 * S,
-                        used_bytes=10)
+    ok = history_status(
+        now_ns=1000 * S, created_ns=0, policy=pol, oldest_cp_time_ns=895 * S, used_bytes=10
+    )
     assert ok.history_met and ok.level is HistoryLevel.OK
-    warn = history_status(now_ns=1000 * S, created_ns=0, policy=pol, oldest_cp_time_ns=920 * S,
-                          used_bytes=10)
+    warn = history_status(
+        now_ns=1000 * S, created_ns=0, policy=pol, oldest_cp_time_ns=920 * S, used_bytes=10
+    )
     assert not warn.history_met and warn.level is HistoryLevel.WARNING
-    err = history_status(now_ns=1000 * S, created_ns=0, policy=pol, oldest_cp_time_ns=950 * S,
-                         used_bytes=10)
+    err = history_status(
+        now_ns=1000 * S, created_ns=0, policy=pol, oldest_cp_time_ns=950 * S, used_bytes=10
+    )
     assert err.level is HistoryLevel.ERROR
-    young = history_status(now_ns=1000 * S, created_ns=990 * S, policy=pol,
-                            oldest_cp_time_ns=990 * S, used_bytes=10)
+    young = history_status(
+        now_ns=1000 * S, created_ns=990 * S, policy=pol, oldest_cp_time_ns=990 * S, used_bytes=10
+    )
     assert young.history_met and young.history_seconds_expected == 10
-    full = history_status(now_ns=1000 * S, created_ns=0, policy=pol, oldest_cp_time_ns=800 * S,
-                          used_bytes=850)
+    full = history_status(
+        now_ns=1000 * S, created_ns=0, policy=pol, oldest_cp_time_ns=800 * S, used_bytes=850
+    )
     assert full.history_met and full.level is HistoryLevel.WARNING and full.used_percent == 85
 
 

@@ -1,0 +1,89 @@
+"""Child process of test_crash.py: appends random writes and checkpoints to a journal until it is
+killed. Right after submitting a record (before the event loop can hand it to the I/O thread) it
+prints the record's intent, and an ack line once the append returned. Lines:
+
+    READY <durable seq at open>
+    I <seq> W|Z|T <volume> <offset> <length>     intent (a record that may become durable)
+    C <seq> <checkpoint id>                       checkpoint intent
+    A <seq>                                       acked (append or checkpoint returned)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import struct
+import sys
+from pathlib import Path
+
+from secondsite.appliance.journal import Journal, JournalConfig, RetentionPolicy
+
+VOLUMES = {"v0": 1 << 20, "v1": 600_000}
+
+
+def config() -> JournalConfig:
+    return JournalConfig(
+        vpg="crash",
+        segment_size=128 << 10,
+        retention=RetentionPolicy(history_seconds=3600, hard_limit_bytes=1 << 20),
+    )
+
+
+def payload(seq: int, n: int) -> bytes:
+    """Deterministic content of write ``seq``: the test rebuilds it from the intent line."""
+    return (struct.pack("<Q", seq) * (n // 8 + 1))[:n]
+
+
+def out(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+async def writer(j: Journal, rng: random.Random) -> None:
+    while True:
+        vol = rng.choice(list(VOLUMES))
+        size = VOLUMES[vol]
+        off = rng.randrange(0, size)
+        n = rng.randrange(1, min(size - off, 16384) + 1)
+        if rng.random() < 0.5:
+            off -= off % 4096
+            n = min(max(4096, n - n % 4096), size - off)
+        k = rng.random()
+        if k < 0.8:
+            p = j.submit_write(vol, off, payload(j.next_seq, n))
+            kind = "W"
+        elif k < 0.9:
+            p = j.submit_zero(vol, off, n)
+            kind = "Z"
+        else:
+            p = j.submit_trim(vol, off, n)
+            kind = "T"
+        out(f"I {p.seq} {kind} {vol} {off} {n}")
+        await p
+        out(f"A {p.seq}")
+
+
+async def checkpointer(j: Journal) -> None:
+    while True:
+        await asyncio.sleep(0.01)
+        async with j.hold_acks():
+            cp, pending = j.mark_checkpoint()
+        out(f"C {cp.seq} {cp.id}")
+        await pending
+        out(f"A {cp.seq}")
+        await j.enforce_retention()
+
+
+async def main(directory: Path, seed: int) -> None:
+    j = await Journal.open(directory, config())
+    for v, n in VOLUMES.items():
+        await j.add_volume(v, n)
+    out(f"READY {j.durable_seq}")
+    rng = random.Random(seed)
+    tasks = [asyncio.ensure_future(writer(j, random.Random(rng.random()))) for _ in range(8)]
+    tasks.append(asyncio.ensure_future(checkpointer(j)))
+    await asyncio.gather(*tasks)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(Path(sys.argv[1]), int(sys.argv[2])))
