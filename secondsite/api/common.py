@@ -254,9 +254,9 @@ def parse_quantity(quantity: int | str) -> Decimal:
     if match is None or re.match(QUANTITY_PATTERN, quantity) is None:
         raise ValueError(f"not a Kubernetes quantity (like 150Gi or 500M): {quantity!r}")
     number, suffix = match.group(1), match.group(2) or ""
-    if suffix[:1] in ("e", "E"):
-        return Decimal(number) * Decimal(10) ** int(suffix[1:])
-    return Decimal(number) * _QUANTITY_SUFFIXES[suffix]
+    if suffix in _QUANTITY_SUFFIXES:
+        return Decimal(number) * _QUANTITY_SUFFIXES[suffix]
+    return Decimal(number) * Decimal(10) ** int(suffix[1:])  # an exponent: 1e3, 2E+2
 
 
 def format_quantity(size: int) -> str:
