@@ -25,7 +25,7 @@ def config() -> JournalConfig:
     return JournalConfig(
         vpg="crash",
         segment_size=128 << 10,
-        retention=RetentionPolicy(history_seconds=3600, hard_limit_bytes=1 << 20),
+        retention=RetentionPolicy(history_seconds=3600, hard_limit_bytes=4 << 20),
     )
 
 
