@@ -61,6 +61,33 @@ def _crds_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- devcluster, demo ---------------------------------------------------------------------------
+
+
+def _devcluster_arguments(parser: argparse.ArgumentParser) -> None:
+    from secondsite.devcluster.commands import add_devcluster_arguments
+
+    add_devcluster_arguments(parser)
+
+
+def _devcluster_run(args: argparse.Namespace) -> int:
+    from secondsite.devcluster.commands import run_devcluster
+
+    return run_devcluster(args)
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from secondsite.devcluster.demo import add_demo_arguments
+
+    add_demo_arguments(parser)
+
+
+def _demo_run(args: argparse.Namespace) -> int:
+    from secondsite.devcluster.demo import run_demo
+
+    return run_demo(args)
+
+
 COMMANDS: list[Command] = [
     Command(
         "crds",
@@ -68,6 +95,13 @@ COMMANDS: list[Command] = [
         _crds_arguments,
         _crds_run,
     ),
+    Command(
+        "devcluster",
+        "build, start, stop or inspect the local Kubernetes control plane",
+        _devcluster_arguments,
+        _devcluster_run,
+    ),
+    Command("demo", "start the dev cluster and show SecondSite in it", _demo_arguments, _demo_run),
 ]
 
 
