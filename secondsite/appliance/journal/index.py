@@ -27,59 +27,69 @@ I64 = npt.NDArray[np.int64]
 class Columns:
     """Named, equally long numpy columns with amortised O(1) append and prefix dropping.
 
-    Readers may keep the arrays returned by :meth:`view` while appends continue: rows below the
-    length they saw are never modified in place (growth and prefix dropping copy).
+    Written from one thread (the event loop); other threads read consistent snapshots: the
+    arrays, the row count and a generation number live in one tuple that is replaced as a whole,
+    rows below a published count are never modified in place (growth and dropping copy), and
+    the generation changes whenever rows are dropped (row numbers then mean other records).
     """
 
     def __init__(self, dtypes: dict[str, Any], capacity: int = 1024) -> None:
-        self._dtypes = dtypes
-        self._arrays: dict[str, npt.NDArray[Any]] = {
-            k: np.empty(capacity, dtype=d) for k, d in dtypes.items()
-        }
-        self.n = 0
+        arrays = {k: np.empty(capacity, dtype=d) for k, d in dtypes.items()}
+        self._state: tuple[dict[str, npt.NDArray[Any]], int, int] = (arrays, 0, 0)
 
-    def _grow(self, need: int) -> None:
-        cap = len(next(iter(self._arrays.values())))
-        if need <= cap:
-            return
-        new_cap = max(need, cap * 2)
-        for k, a in self._arrays.items():
-            b = np.empty(new_cap, dtype=a.dtype)
-            b[: self.n] = a[: self.n]
-            self._arrays[k] = b
+    @property
+    def n(self) -> int:
+        return self._state[1]
+
+    @property
+    def generation(self) -> int:
+        return self._state[2]
 
     def append_many(self, **cols: npt.ArrayLike) -> None:
-        arrays = {k: np.asarray(v) for k, v in cols.items()}
-        m = len(next(iter(arrays.values())))
-        self._grow(self.n + m)
-        for k, a in self._arrays.items():
-            a[self.n : self.n + m] = arrays[k]
-        self.n += m
+        arrays, n, gen = self._state
+        new = {k: np.asarray(v) for k, v in cols.items()}
+        m = len(next(iter(new.values())))
+        cap = len(next(iter(arrays.values())))
+        if n + m > cap:
+            grown = {}
+            for k, a in arrays.items():
+                b = np.empty(max(n + m, cap * 2), dtype=a.dtype)
+                b[:n] = a[:n]
+                grown[k] = b
+            arrays = grown
+        for k, a in arrays.items():
+            a[n : n + m] = new[k]
+        self._state = (arrays, n + m, gen)
+
+    def snapshot(self) -> tuple[dict[str, npt.NDArray[Any]], int]:
+        """All columns, cut at one row count, and their generation."""
+        arrays, n, gen = self._state
+        return {k: a[:n] for k, a in arrays.items()}, gen
 
     def view(self, name: str) -> npt.NDArray[Any]:
-        return self._arrays[name][: self.n]
+        arrays, n, _ = self._state
+        return arrays[name][:n]
+
+    def _replace(self, rows: dict[str, npt.NDArray[Any]]) -> None:
+        arrays, _, gen = self._state
+        keep = len(next(iter(rows.values())))
+        out = {}
+        for k, a in arrays.items():
+            b = np.empty(max(1024, keep * 2), dtype=a.dtype)
+            b[:keep] = rows[k]
+            out[k] = b
+        self._state = (out, keep, gen + 1)
 
     def drop_prefix(self, count: int) -> None:
-        """Forget the first ``count`` rows (copies, so earlier views stay valid)."""
-        if count <= 0:
-            return
-        keep = self.n - count
-        cap = max(1024, keep * 2)
-        for k, a in self._arrays.items():
-            b = np.empty(cap, dtype=a.dtype)
-            b[:keep] = a[count : self.n]
-            self._arrays[k] = b
-        self.n = keep
+        """Forget the first ``count`` rows (copies, so earlier snapshots stay valid)."""
+        if count > 0:
+            arrays, n, _ = self._state
+            self._replace({k: a[count:n] for k, a in arrays.items()})
 
     def keep_rows(self, mask: npt.NDArray[np.bool_]) -> None:
         """Keep only the rows where ``mask`` is true (copies)."""
-        keep = int(mask.sum())
-        cap = max(1024, keep * 2)
-        for k, a in self._arrays.items():
-            b = np.empty(cap, dtype=a.dtype)
-            b[:keep] = a[: self.n][mask]
-            self._arrays[k] = b
-        self.n = keep
+        arrays, n, _ = self._state
+        self._replace({k: a[:n][mask] for k, a in arrays.items()})
 
 
 RECORD_COLUMNS: dict[str, Any] = {
@@ -98,13 +108,6 @@ class VolumeIndex(Columns):
     def __init__(self) -> None:
         super().__init__(RECORD_COLUMNS)
 
-    def rows_between(self, after_seq: int, upto_seq: int) -> tuple[int, int]:
-        """Row range [lo, hi) of records with after_seq < seq <= upto_seq."""
-        seq = self.view("seq")
-        lo = int(np.searchsorted(seq, after_seq, side="right"))
-        hi = int(np.searchsorted(seq, upto_seq, side="right"))
-        return lo, max(lo, hi)
-
 
 class ExtentMap:
     """Sorted, non-overlapping byte extents ``[start, end)`` with a source value each.
@@ -118,9 +121,6 @@ class ExtentMap:
         self.starts = starts
         self.ends = ends
         self.values = values
-
-    def __len__(self) -> int:
-        return len(self.starts)
 
     @classmethod
     def empty(cls) -> ExtentMap:

@@ -138,8 +138,6 @@ class _Volume:
     info: VolumeInfo
     index: VolumeIndex
     replica: ReplicaFile
-    generation: int = 0
-    """Bumped whenever index rows are dropped (row numbers change)."""
 
 
 @dataclass(eq=False)
@@ -286,7 +284,7 @@ class Journal:
                 if not is_last:
                     scan = self._load_sidecar(path, segno)
                 if scan is None:
-                    scan = scan_segment(path, verify_crc=is_last, after_seq=-1)
+                    scan = scan_segment(path, verify_crc=is_last)
             except CorruptJournalError:
                 if is_last and path.stat().st_size <= SEGMENT_HEADER.size:
                     # Crash while creating the segment: it never held a record.
@@ -411,7 +409,8 @@ class Journal:
         if self._closed:
             return
         await self._drain()
-        self._closed = True
+        async with self._promote_lock:  # let a running promotion finish
+            self._closed = True
         for img in list(self._images):
             img.close()
         loop = asyncio.get_running_loop()
@@ -606,7 +605,7 @@ class Journal:
                     await loop.run_in_executor(
                         self._io, self._writer.write_batch, [q.rec for q in batch]
                     )
-                except OSError as exc:
+                except Exception as exc:  # OSError, or a bug: never leave appenders hanging
                     self._failed = exc
                     log.error(self._log("journal: write failed, stopping", error=exc))
                     err = JournalIOError(f"journal write failed: {exc}")
@@ -823,7 +822,7 @@ class Journal:
         self._pin(cp.seq)
         try:
             recs = RecordSnapshot.of(v.index)
-            lo, hi = v.index.rows_between(self._promoted_seq, cp.seq)
+            lo, hi = recs.rows_between(self._promoted_seq, cp.seq)
             extents = await asyncio.to_thread(build_extents, recs, lo, hi)
             overlay = ScratchOverlay(v.info.size, self._scratch) if writable else None
         except BaseException:
@@ -858,9 +857,8 @@ class Journal:
         v = self._volume(volume)
         seq = self._durable_seq
         self._pin(seq)
-        generation = v.generation
         recs = RecordSnapshot.of(v.index)
-        lo, hi = v.index.rows_between(self._promoted_seq, seq)
+        lo, hi = recs.rows_between(self._promoted_seq, seq)
         try:
             extents = await asyncio.to_thread(build_extents, recs, lo, hi)
         except BaseException:
@@ -869,19 +867,20 @@ class Journal:
         base_rows = hi
 
         def refresh(img: PitImage) -> None:
-            # Runs in a worker thread, under the image's lock.
-            nonlocal generation, base_rows
+            # Runs in a worker thread, under the image's lock; the event loop appends to
+            # v.index meanwhile, so work on one consistent snapshot of it.
+            nonlocal base_rows
             now = self._durable_seq
-            if now == img.seq and generation == v.generation:
+            if now == img.seq:
                 return
             self._pin(now)
             self._unpin(img.pin_seq)
             img.pin_seq = now
             new = RecordSnapshot.of(v.index)
             top = len(new.seq)
-            if generation != v.generation:
-                generation = v.generation
-                a, b = v.index.rows_between(self._promoted_seq, now)
+            if new.generation != img.recs.generation:
+                # Rows were dropped by a promotion: row numbers changed, rebuild the map.
+                a, b = new.rows_between(self._promoted_seq, now)
                 base_rows = b
                 img._rebase(now, build_extents(new, a, b), new, (b, b))
             elif top - base_rows > _LATEST_FOLD_ROWS:
@@ -923,8 +922,7 @@ class Journal:
         total = 0
         for vid, v in self._by_id.items():
             recs = snaps[vid]
-            lo = int(np.searchsorted(recs.seq, self._promoted_seq, side="right"))
-            hi = int(np.searchsorted(recs.seq, cp.seq, side="right"))
+            lo, hi = recs.rows_between(self._promoted_seq, cp.seq)
             ext = build_extents(recs, lo, hi)
             total += self._apply(v.replica, vid, ext, recs, undo)
         for v in self._by_id.values():
@@ -1035,9 +1033,7 @@ class Journal:
         self._promoted_seq = cp.seq
         for v in self._volumes.values():
             n = int(np.searchsorted(v.index.view("seq"), cp.seq, side="right"))
-            if n:
-                v.index.drop_prefix(n)
-                v.generation += 1
+            v.index.drop_prefix(n)
         self.checkpoints.drop_through(cp.seq, cp)
         for segno in sorted(self._seg_info):
             if segno >= self._active_segno or self._seg_info[segno][1] > cp.seq:
@@ -1199,8 +1195,7 @@ class Journal:
         self._next_seq = int(self._state["next_seq"])
         self._next_cid = int(self._state["next_cid"])
         for v in self._volumes.values():
-            v.index = VolumeIndex()
-            v.generation += 1
+            v.index.drop_prefix(v.index.n)
         self.checkpoints.drop_after(cp.seq)
         self.checkpoints.drop_through(cp.seq, cp)
         self._new_first_segment(last + 1)

@@ -23,13 +23,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from .errors import CorruptJournalError, JournalClosedError, OutOfRangeError
-from .index import ExtentMap, resolve_extents
+from .index import Columns, ExtentMap, resolve_extents
 from .record import RecordType
 from .replica import ReplicaFile, punch_or_zero
 from .segment import SegmentSet
@@ -62,10 +61,18 @@ class RecordSnapshot:
     seg: I64
     pos: I64
     kind: npt.NDArray[np.uint8]
+    generation: int
 
     @classmethod
-    def of(cls, cols: Any) -> RecordSnapshot:
-        return cls(*(cols.view(k) for k in ("seq", "offset", "length", "seg", "pos", "kind")))
+    def of(cls, cols: Columns) -> RecordSnapshot:
+        c, gen = cols.snapshot()
+        return cls(c["seq"], c["offset"], c["length"], c["seg"], c["pos"], c["kind"], gen)
+
+    def rows_between(self, after_seq: int, upto_seq: int) -> tuple[int, int]:
+        """Row range [lo, hi) of records with after_seq < seq <= upto_seq."""
+        lo = int(np.searchsorted(self.seq, after_seq, side="right"))
+        hi = int(np.searchsorted(self.seq, upto_seq, side="right"))
+        return lo, max(lo, hi)
 
 
 def read_layered(
@@ -186,7 +193,7 @@ class PitImage:
         self.seq = seq
         """Images show every record with a sequence number <= seq."""
         self._extents = extents
-        self._recs = recs
+        self.recs = recs
         self._replica = replica
         self._segments = segments
         self._promoted_seq = promoted_seq
@@ -207,7 +214,7 @@ class PitImage:
         self, seq: int, extents: ExtentMap, recs: RecordSnapshot, delta: tuple[int, int]
     ) -> None:
         """Switch to a newer view: ``extents`` over ``recs`` plus rows ``delta`` laid on top."""
-        self.seq, self._extents, self._recs, self._delta = seq, extents, recs, delta
+        self.seq, self._extents, self.recs, self._delta = seq, extents, recs, delta
 
     def _check(self, offset: int, length: int) -> None:
         if self.closed:
@@ -231,8 +238,8 @@ class PitImage:
         ext = self._extents.overlapping(offset, end)
         lo, hi = self._delta
         if hi > lo:
-            o = self._recs.offset[lo:hi]
-            e = o + self._recs.length[lo:hi]
+            o = self.recs.offset[lo:hi]
+            e = o + self.recs.length[lo:hi]
             hit = (o < end) & (e > offset)
             if hit.any():
                 merged = resolve_extents(
@@ -245,7 +252,7 @@ class PitImage:
             out,
             offset,
             ext,
-            self._recs,
+            self.recs,
             self._replica,
             self._segments,
             self._promoted_seq,

@@ -136,7 +136,7 @@ CP_DTYPES: dict[str, Any] = {
 }
 
 
-def scan_segment(path: Path, *, verify_crc: bool, after_seq: int = -1) -> SegmentScan:
+def scan_segment(path: Path, *, verify_crc: bool) -> SegmentScan:
     """Read a segment's records front to back until the first invalid one.
 
     With ``verify_crc`` every record's CRC is checked (payloads are read); without it, payloads of
@@ -154,7 +154,7 @@ def scan_segment(path: Path, *, verify_crc: bool, after_seq: int = -1) -> Segmen
             raise CorruptJournalError(f"bad segment header in {path.name}")
         segno, first_seq, created_ns = hdr
         pos = SEGMENT_HEADER.size
-        last_seq = max(first_seq - 1, after_seq)
+        last_seq = first_seq - 1
         chunk = b""
         chunk_at = pos
         fd = f.fileno()

@@ -52,8 +52,6 @@ class SegmentWriter:
             self._create(segno, first_seq)
         else:
             self.fd = os.open(seg_path(directory, segno), os.O_WRONLY)
-        self.sealed: list[int] = []
-        """Segments this writer finished since the journal last looked (their sidecars are due)."""
 
     def _create(self, segno: int, first_seq: int) -> None:
         path = seg_path(self.directory, segno)
@@ -74,7 +72,6 @@ class SegmentWriter:
                 os.fdatasync(self.fd)
                 self.fsyncs += 1
                 os.close(self.fd)
-                self.sealed.append(self.segno)
                 self._create(segno, batch[i].seq)
             j = i
             while j < len(batch) and batch[j].segno == segno:

@@ -155,3 +155,22 @@ async def test_open_image_pins_its_checkpoint(tmp_path: Path) -> None:
     st = j.status(now_ns=time.time_ns())
     assert st.oldest_checkpoint == cps[5]
     await j.close()
+
+
+async def test_latest_view_stays_right_across_promotion(tmp_path: Path) -> None:
+    j = await Journal.open(tmp_path / "j", JournalConfig(segment_size=16 << 10))
+    await j.add_volume("a", 64 << 10)
+    model = Model({"a": 64 << 10})
+    rng = random.Random(9)
+    cps = await random_ops(j, model, rng, 30, cp_every=5)
+    latest = await j.open_latest("a")
+    assert await latest.read(0, 64 << 10) == model.data["a"]
+    more = await random_ops(j, model, rng, 30, cp_every=5)
+    # The latest view pins what it has shown, so promote to at most that...
+    await j.promote(cps[-1])
+    assert await latest.read(0, 64 << 10) == model.data["a"]  # ...rebuilds after the drop
+    await j.promote(more[-1])  # the read above moved its pin forward
+    await random_ops(j, model, rng, 10, cp_every=5)
+    assert await latest.read(0, 64 << 10) == model.data["a"]
+    latest.close()
+    await j.close()
