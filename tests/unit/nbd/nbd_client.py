@@ -88,12 +88,12 @@ class NBDClient:
 
     @classmethod
     async def connect_unix(cls, path: str) -> NBDClient:
-        reader, writer = await asyncio.open_unix_connection(path, limit=64 << 20)
+        reader, writer = await asyncio.open_unix_connection(path)
         return cls(reader, writer)
 
     @classmethod
     async def connect_tcp(cls, host: str, port: int) -> NBDClient:
-        reader, writer = await asyncio.open_connection(host, port, limit=64 << 20)
+        reader, writer = await asyncio.open_connection(host, port)
         return cls(reader, writer)
 
     async def close(self) -> None:
@@ -258,6 +258,25 @@ class NBDClient:
 
     # -- transmission ---------------------------------------------------------------------------
 
+    def frame(
+        self,
+        cmd: int,
+        offset: int = 0,
+        length: int = 0,
+        *,
+        flags: int = 0,
+        payload: bytes = b"",
+        handle: int | None = None,
+    ) -> tuple[int, bytes]:
+        """Encode one request and expect its reply; returns (handle, bytes to send)."""
+        if handle is None:
+            handle = self._next_handle
+            self._next_handle += 1
+        if cmd != w.CMD_DISC:
+            self._pending[handle] = _Pending(cmd, offset, length, Reply(handle))
+        header = w.REQUEST.pack(w.REQUEST_MAGIC, flags, cmd, handle, offset, length)
+        return handle, header + payload
+
     def request(
         self,
         cmd: int,
@@ -269,12 +288,8 @@ class NBDClient:
         handle: int | None = None,
     ) -> int:
         """Send one request (not waiting for its reply); returns its handle."""
-        if handle is None:
-            handle = self._next_handle
-            self._next_handle += 1
-        if cmd != w.CMD_DISC:
-            self._pending[handle] = _Pending(cmd, offset, length, Reply(handle))
-        self.send(w.REQUEST.pack(w.REQUEST_MAGIC, flags, cmd, handle, offset, length) + payload)
+        handle, data = self.frame(cmd, offset, length, flags=flags, payload=payload, handle=handle)
+        self.send(data)
         return handle
 
     async def reply(self, handle: int, timeout: float = 20.0) -> Reply:
