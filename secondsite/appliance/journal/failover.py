@@ -12,6 +12,10 @@ decision:
 * ``commit()`` makes C the promoted watermark and drops every record (they are all either in the
   replica now or after C), then deletes the undo log.
 
+Between promote_to() and the decision the recovered workload may write the replica through a
+:class:`FailoverVolume`, which undo-logs each 4 KiB grain before its first write, so rollback()
+takes those writes back as well.
+
 A crash while promoting is rolled back at open (the undo log covers every replica write that may
 have reached the disk); a crash after promote_to returned leaves the journal in the promoted phase
 until commit or rollback.
@@ -23,14 +27,18 @@ replica write had not started, because the log is synced before the replica is t
 
 from __future__ import annotations
 
+import asyncio
 import os
 import struct
+import threading
 from pathlib import Path
 
+from .errors import JournalClosedError, OutOfRangeError
+from .pit import GRAIN
 from .record import crc32c
 from .replica import ReplicaFile
 
-__all__ = ["UndoLog"]
+__all__ = ["FailoverVolume", "UndoLog"]
 
 _ENTRY = struct.Struct("<4sIQQI")
 _MAGIC = b"SSJU"
@@ -49,11 +57,15 @@ class UndoLog:
     def sync(self) -> None:
         os.fdatasync(self.fd)
 
-    def entries(self) -> list[tuple[int, int, int, int]]:
-        """Valid entries in log order: (volume, offset, data position in the log, length)."""
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def entries(self, start: int = 0) -> list[tuple[int, int, int, int]]:
+        """Valid entries in log order from byte ``start``: (volume, offset, data position in
+        the log, length)."""
         out = []
         size = os.fstat(self.fd).st_size
-        pos = 0
+        pos = start
         while pos + _ENTRY.size <= size:
             head = os.pread(self.fd, _ENTRY.size, pos)
             magic, vol, off, length, crc = _ENTRY.unpack(head)
@@ -84,3 +96,88 @@ class UndoLog:
     def remove(self) -> None:
         self.close()
         self.path.unlink(missing_ok=True)
+
+
+class FailoverVolume:
+    """A recovered volume between promote_to() and commit()/rollback(): the replica itself,
+    written in place by the recovered workload, with every first write to a 4 KiB grain undo-
+    logged first so that rollback() also takes back what the workload wrote.
+
+    ``saved`` is the grain bitmap of what the undo log already holds since the promotion; it is
+    rebuilt from the log when a journal is reopened in the promoted phase.
+    """
+
+    def __init__(
+        self, name: str, volume: int, replica: ReplicaFile, undo: UndoLog, saved: set[int]
+    ) -> None:
+        self.name = name
+        self.size = replica.size
+        self._vid = volume
+        self._replica = replica
+        self._undo = undo
+        self._saved = saved
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def _check(self, offset: int, length: int) -> None:
+        if self.closed:
+            raise JournalClosedError(f"failover volume {self.name} is closed")
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise OutOfRangeError(
+                f"volume {self.name}: [{offset}, {offset + length}) outside size {self.size}"
+            )
+
+    def read_sync(self, offset: int, length: int) -> bytes:
+        self._check(offset, length)
+        buf = bytearray(length)
+        self._replica.pread_into(memoryview(buf), offset)
+        return bytes(buf)
+
+    def _save_grains(self, offset: int, length: int) -> None:
+        g0, g1 = offset // GRAIN, (offset + length + GRAIN - 1) // GRAIN
+        fresh = [g for g in range(g0, g1) if g not in self._saved]
+        if not fresh:
+            return
+        runs: list[tuple[int, int]] = []
+        for g in fresh:
+            if runs and runs[-1][1] == g:
+                runs[-1] = (runs[-1][0], g + 1)
+            else:
+                runs.append((g, g + 1))
+        for a, b in runs:
+            start, end = a * GRAIN, min(b * GRAIN, self.size)
+            old = bytearray(end - start)
+            self._replica.pread_into(memoryview(old), start)
+            self._undo.save(self._vid, start, old)
+        self._undo.sync()
+        self._saved.update(fresh)
+
+    def write_sync(self, offset: int, data: bytes | None, length: int) -> None:
+        """Write ``data`` (zeros when None); the old bytes are in the undo log first."""
+        self._check(offset, length)
+        with self._lock:
+            self._save_grains(offset, length)
+            if data is None:
+                self._replica.zero(offset, length)
+            else:
+                self._replica.pwrite(data, offset)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await asyncio.to_thread(self.read_sync, offset, length)
+
+    async def write(self, offset: int, data: bytes) -> None:
+        await asyncio.to_thread(self.write_sync, offset, data, len(data))
+
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        await asyncio.to_thread(self.write_sync, offset, None, length)
+
+    async def trim(self, offset: int, length: int) -> None:
+        await asyncio.to_thread(self.write_sync, offset, None, length)
+
+    async def flush(self) -> None:
+        await asyncio.to_thread(self._replica.sync)
+
+    def close(self) -> None:
+        """Refuse further I/O (at commit or rollback); waits for a write in progress."""
+        with self._lock:
+            self.closed = True

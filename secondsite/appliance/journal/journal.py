@@ -51,9 +51,10 @@ from .errors import (
     UnknownVolumeError,
     VolumeExistsError,
 )
-from .failover import UndoLog
+from .failover import FailoverVolume, UndoLog
 from .index import ExtentMap, VolumeIndex
 from .pit import (
+    GRAIN,
     PitImage,
     RecordSnapshot,
     ScratchOverlay,
@@ -197,6 +198,8 @@ class Journal:
         self._promote_lock = asyncio.Lock()
         self._promoting_to: int | None = None
         self._failover_phase: str | None = None
+        self._failover_volumes: dict[str, FailoverVolume] = {}
+        self._failover_undo: UndoLog | None = None
         self._active_rows: dict[str, list[int]] = {}
         self._active_cps: dict[str, list[int]] = {}
         self._active_tags: dict[int, str] = {}
@@ -418,6 +421,7 @@ class Journal:
         self._io.shutdown(wait=True)
 
     def _close_sync(self) -> None:
+        self._close_failover_volumes()
         if self._writer is not None:
             self._writer.close()
         self._segments.close()
@@ -1160,9 +1164,41 @@ class Journal:
         undo = UndoLog(self.directory / "failover.undo")
         try:
             self._promote_sync(cp, snaps, undo)
+            mark = undo.size()
         finally:
             undo.close()
-        self._write_state(failover={"phase": "promoted", "checkpoint": cp.to_json()})
+        self._write_state(
+            failover={"phase": "promoted", "checkpoint": cp.to_json(), "workload_undo_from": mark}
+        )
+
+    def failover_volume(self, volume: str) -> FailoverVolume:
+        """The recovered volume (the replica, written in place) while promoted to a checkpoint;
+        its writes are undone by rollback()."""
+        if self._failover_phase != "promoted":
+            raise FailoverStateError("failover_volume() needs a promote_to() first")
+        v = self._volume(volume)
+        fv = self._failover_volumes.get(volume)
+        if fv is None:
+            if self._failover_undo is None:
+                self._failover_undo = UndoLog(self.directory / "failover.undo")
+            start = int(self._state["failover"].get("workload_undo_from", 0))
+            saved = {
+                g
+                for vid, off, _at, length in self._failover_undo.entries(start)
+                if vid == v.info.id
+                for g in range(off // GRAIN, (off + length + GRAIN - 1) // GRAIN)
+            }
+            fv = FailoverVolume(volume, v.info.id, v.replica, self._failover_undo, saved)
+            self._failover_volumes[volume] = fv
+        return fv
+
+    def _close_failover_volumes(self) -> None:
+        for fv in self._failover_volumes.values():
+            fv.close()
+        self._failover_volumes.clear()
+        if self._failover_undo is not None:
+            self._failover_undo.close()
+            self._failover_undo = None
 
     async def commit(self) -> None:
         """Keep the failover: the checkpoint becomes the promoted watermark; all records after
@@ -1171,6 +1207,7 @@ class Journal:
             if self._failover_phase != "promoted":
                 raise FailoverStateError("commit() needs a promote_to() first")
             cp = Checkpoint.from_json(self._state["failover"]["checkpoint"])
+            self._close_failover_volumes()
             await asyncio.to_thread(self._commit_sync, cp)
             self._failover_phase = None
 
@@ -1208,6 +1245,7 @@ class Journal:
         async with self._promote_lock:
             if self._failover_phase != "promoted":
                 raise FailoverStateError("rollback() needs a promote_to() first")
+            self._close_failover_volumes()
             await asyncio.to_thread(self._rollback_sync)
             self._failover_phase = None
 

@@ -116,3 +116,48 @@ async def test_crash_while_promoting_is_rolled_back_at_open(tmp_path: Path) -> N
     assert {v: _replica(d, v) for v in SIZES} == before
     await assert_images(j, model, cps)
     await j.close()
+
+
+async def test_workload_writes_after_promote_to_are_undone_by_rollback(tmp_path: Path) -> None:
+    d = tmp_path / "j"
+    j, model, cps = await _setup(d)
+    before = {v: _replica(d, v) for v in SIZES}
+    target = cps[6]
+    await j.promote_to(target)
+    fv = j.failover_volume("a")
+    await fv.write(100, b"W" * 5000)  # unaligned, two grains
+    await fv.write_zeroes(40960, 8192)
+    await fv.write(200, b"V" * 10)  # grain already saved: no second undo entry needed
+    await fv.flush()
+    expect = bytearray(model.at_checkpoint[target.id]["a"])
+    expect[100:5100] = b"W" * 5000
+    expect[40960:49152] = bytes(8192)
+    expect[200:210] = b"V" * 10
+    assert await fv.read(0, SIZES["a"]) == bytes(expect)
+    assert _replica(d, "a") == bytes(expect)
+    await j.close()  # e.g. the appliance restarts before the decision
+    j = await Journal.open(d, CFG)
+    fv = j.failover_volume("a")
+    await fv.write(0, b"X" * 4096)
+    await j.rollback()
+    assert {v: _replica(d, v) for v in SIZES} == before
+    await assert_images(j, model, cps)
+    with pytest.raises(FailoverStateError):
+        j.failover_volume("a")
+    await j.close()
+
+
+async def test_workload_writes_are_kept_by_commit(tmp_path: Path) -> None:
+    d = tmp_path / "j"
+    j, _model, cps = await _setup(d)
+    await j.promote_to(cps[2])
+    fv = j.failover_volume("b")
+    await fv.write(0, b"kept")
+    await j.commit()
+    assert _replica(d, "b")[:4] == b"kept"
+    assert not (d / "failover.undo").exists()
+    from secondsite.appliance.journal import JournalClosedError
+
+    with pytest.raises(JournalClosedError):
+        await fv.write(0, b"late")
+    await j.close()
