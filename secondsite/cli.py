@@ -88,6 +88,21 @@ def _demo_run(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+# --- appliance ----------------------------------------------------------------------------------
+
+
+def _appliance_arguments(parser: argparse.ArgumentParser) -> None:
+    from secondsite.appliance.runtime import add_arguments
+
+    add_arguments(parser)
+
+
+def _appliance_run(args: argparse.Namespace) -> int:
+    from secondsite.appliance.runtime import main
+
+    return main(args)
+
+
 COMMANDS: list[Command] = [
     Command(
         "crds",
@@ -102,6 +117,12 @@ COMMANDS: list[Command] = [
         _devcluster_run,
     ),
     Command("demo", "start the dev cluster and show SecondSite in it", _demo_arguments, _demo_run),
+    Command(
+        "appliance",
+        "run a replication appliance (NBD capture, journal, point-in-time images)",
+        _appliance_arguments,
+        _appliance_run,
+    ),
 ]
 
 

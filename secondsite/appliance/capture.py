@@ -1,0 +1,281 @@
+"""Capture: the NBD exports through which every write of a protected volume reaches the journal.
+
+Two modes (see `config.CaptureMode`):
+
+- :class:`InPathExport` serves the volume itself from its backing store. A write is submitted to
+  the journal (which fixes its sequence number in arrival order) and written to the backing store
+  at the same time; the client gets its ack once both are done and the journal record is durable.
+  FUA and FLUSH reach the backing store.
+- :class:`MirrorTargetExport` is the target of a hypervisor's active mirror. It keeps no copy of the
+  source: a write is acked once its journal record is durable. Reads (rare for a mirror target)
+  are served from the journal's latest view.
+
+Both defer to the journal's ack hold: while a checkpoint's cut is being marked, new writes become
+durable but are not acknowledged, which is what makes a checkpoint a prefix of the acked writes.
+
+:class:`RegionGuard` keeps a resync (initial or delta sync of an in-path volume) from racing
+concurrent writes: the copier claims a window, waits for writes in flight over it, reads the
+source and journals what differs; writes into the window wait until it is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+from collections.abc import Sequence
+
+from secondsite.appliance.journal import (
+    FailoverStateError,
+    Journal,
+    JournalClosedError,
+    JournalError,
+    JournalIOError,
+    OutOfRangeError,
+    PendingAppend,
+    PitImage,
+)
+from secondsite.appliance.nbd.export import BlockSizes, BytesLike, Export, Extent, NBDError
+from secondsite.appliance.nbd.file import FileExport
+
+__all__ = ["InPathExport", "MirrorTargetExport", "RegionGuard", "journal_error"]
+
+_LATEST_IDLE_SECONDS = 5.0
+
+
+def journal_error(exc: JournalError, operation: str) -> NBDError:
+    """The NBD error a client gets when the journal refuses or fails an operation."""
+    if isinstance(exc, OutOfRangeError):
+        return NBDError(errno.EINVAL, f"{operation}: {exc}")
+    if isinstance(exc, FailoverStateError):
+        return NBDError(errno.EROFS, f"{operation}: {exc}")
+    if isinstance(exc, JournalClosedError):
+        return NBDError(errno.ESHUTDOWN, f"{operation}: {exc}")
+    if isinstance(exc, JournalIOError):
+        return NBDError(errno.EIO, f"{operation}: {exc}")
+    return NBDError(errno.EIO, f"{operation}: {exc}")
+
+
+def _view(data: BytesLike) -> bytes | memoryview:
+    return memoryview(data) if isinstance(data, bytearray) else data
+
+
+class RegionGuard:
+    """Orders a resync copier against concurrent writes of one volume (see the module docstring).
+
+    Writes are cheap when no copier runs: one attribute test. The set of writes in flight is as
+    small as the client's queue depth, so overlap checks are linear scans.
+    """
+
+    def __init__(self) -> None:
+        self._window: tuple[int, int] | None = None
+        self._window_released = asyncio.Event()
+        self._window_released.set()
+        self._inflight: dict[int, tuple[int, int]] = {}
+        self._inflight_changed = asyncio.Event()
+        self._next_token = 0
+
+    def _overlaps_window(self, start: int, end: int) -> bool:
+        w = self._window
+        return w is not None and start < w[1] and w[0] < end
+
+    async def enter_write(self, start: int, end: int) -> int:
+        """Register a write in flight; waits while a copier's window overlaps it."""
+        while self._overlaps_window(start, end):
+            await self._window_released.wait()
+        token = self._next_token
+        self._next_token += 1
+        self._inflight[token] = (start, end)
+        return token
+
+    def exit_write(self, token: int) -> None:
+        del self._inflight[token]
+        if self._window is not None:
+            self._inflight_changed.set()
+
+    async def claim(self, start: int, end: int) -> None:
+        """Claim a copy window: later writes into it wait; returns when earlier ones are done."""
+        assert self._window is None, "one copier per volume"
+        self._window = (start, end)
+        self._window_released.clear()
+        while any(s < end and start < e for s, e in self._inflight.values()):
+            self._inflight_changed.clear()
+            await self._inflight_changed.wait()
+
+    def release(self) -> None:
+        self._window = None
+        self._window_released.set()
+
+
+class _CaptureExport(Export):
+    """What both capture modes share: the journal, the volume's name, and the region guard."""
+
+    def __init__(self, name: str, journal: Journal, size: int) -> None:
+        self.name = name
+        self.journal = journal
+        self._size = size
+        self.guard = RegionGuard()
+        self.writes = 0
+        self.bytes_written = 0
+        self.last_write_ns = 0
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def can_trim(self) -> bool:
+        return True
+
+    @property
+    def can_write_zeroes(self) -> bool:
+        return True
+
+    @property
+    def can_multi_conn(self) -> bool:
+        # Acks mean durable in the journal, and the backing store has no per-connection cache.
+        return True
+
+    @property
+    def block_sizes(self) -> BlockSizes:
+        return BlockSizes(minimum=1, preferred=4096)
+
+    def _count(self, length: int) -> None:
+        self.writes += 1
+        self.bytes_written += length
+        self.last_write_ns = time.time_ns()
+
+
+class InPathExport(_CaptureExport):
+    """Serves the volume from its backing store and journals every change before acking it."""
+
+    def __init__(self, name: str, journal: Journal, backing: FileExport) -> None:
+        super().__init__(name, journal, backing.size)
+        self.backing = backing
+
+    @property
+    def description(self) -> str:
+        return f"SecondSite in-path capture of volume {self.name}"
+
+    async def read(self, offset: int, length: int) -> BytesLike:
+        return await self.backing.read(offset, length)
+
+    async def write(self, offset: int, data: BytesLike, *, fua: bool) -> None:
+        end = offset + len(data)
+        token = await self.guard.enter_write(offset, end)
+        try:
+            try:
+                pending = self.journal.submit_write(self.name, offset, _view(data))
+            except JournalError as e:
+                raise journal_error(e, "write") from e
+            await self.backing.write(offset, data, fua=fua)
+            await self._durable(pending, "write")
+        finally:
+            self.guard.exit_write(token)
+        self._count(len(data))
+
+    async def write_zeroes(
+        self, offset: int, length: int, *, fua: bool, may_trim: bool, fast: bool = False
+    ) -> None:
+        token = await self.guard.enter_write(offset, offset + length)
+        try:
+            try:
+                pending = self.journal.submit_zero(self.name, offset, length)
+            except JournalError as e:
+                raise journal_error(e, "write zeroes") from e
+            await self.backing.write_zeroes(offset, length, fua=fua, may_trim=may_trim, fast=fast)
+            await self._durable(pending, "write zeroes")
+        finally:
+            self.guard.exit_write(token)
+        self._count(length)
+
+    async def trim(self, offset: int, length: int) -> None:
+        token = await self.guard.enter_write(offset, offset + length)
+        try:
+            try:
+                pending = self.journal.submit_trim(self.name, offset, length)
+            except JournalError as e:
+                raise journal_error(e, "trim") from e
+            await self.backing.trim(offset, length)
+            await self._durable(pending, "trim")
+        finally:
+            self.guard.exit_write(token)
+
+    async def flush(self) -> None:
+        # Journal records are durable before their acks; the backing store needs its own flush.
+        await self.backing.flush()
+
+    async def block_status(self, offset: int, length: int) -> Sequence[Extent]:
+        return await self.backing.block_status(offset, length)
+
+    async def _durable(self, pending: PendingAppend, operation: str) -> None:
+        try:
+            await pending
+        except JournalError as e:
+            raise journal_error(e, operation) from e
+
+
+class MirrorTargetExport(_CaptureExport):
+    """The target of an active mirror: journals every write and acks it once durable."""
+
+    def __init__(self, name: str, journal: Journal, size: int) -> None:
+        super().__init__(name, journal, size)
+        self._latest: PitImage | None = None
+        self._latest_used = 0.0
+        self._latest_lock = asyncio.Lock()
+
+    @property
+    def description(self) -> str:
+        return f"SecondSite mirror target for volume {self.name}"
+
+    async def read(self, offset: int, length: int) -> BytesLike:
+        async with self._latest_lock:
+            if self._latest is None:
+                try:
+                    self._latest = await self.journal.open_latest(self.name)
+                except JournalError as e:
+                    raise journal_error(e, "read") from e
+            image = self._latest
+        self._latest_used = time.monotonic()
+        return await image.read(offset, length)
+
+    def close_idle_view(self, now: float | None = None) -> None:
+        """Drop the cached latest view when unused for a while: it pins journal records."""
+        now = time.monotonic() if now is None else now
+        if self._latest is not None and now - self._latest_used > _LATEST_IDLE_SECONDS:
+            self._latest.close()
+            self._latest = None
+
+    def close(self) -> None:
+        if self._latest is not None:
+            self._latest.close()
+            self._latest = None
+
+    async def write(self, offset: int, data: BytesLike, *, fua: bool) -> None:
+        try:
+            pending = self.journal.submit_write(self.name, offset, _view(data))
+            await pending
+        except JournalError as e:
+            raise journal_error(e, "write") from e
+        self._count(len(data))
+
+    async def write_zeroes(
+        self, offset: int, length: int, *, fua: bool, may_trim: bool, fast: bool = False
+    ) -> None:
+        try:
+            pending = self.journal.submit_zero(self.name, offset, length)
+            await pending
+        except JournalError as e:
+            raise journal_error(e, "write zeroes") from e
+        self._count(length)
+
+    async def trim(self, offset: int, length: int) -> None:
+        try:
+            pending = self.journal.submit_trim(self.name, offset, length)
+            await pending
+        except JournalError as e:
+            raise journal_error(e, "trim") from e
+
+    async def flush(self) -> None:
+        # Every acknowledged write is already durable in the journal: nothing is cached here.
+        return None

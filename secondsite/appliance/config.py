@@ -1,0 +1,181 @@
+"""The declarative configuration of one appliance: what it serves, captures and journals.
+
+`secondsite appliance --config FILE` reads it from YAML; the control API accepts the same model in
+a `PUT`. Field names are camelCase in YAML and JSON, snake_case in Python.
+
+A *volume* belongs to one VPG and is captured in one of two modes:
+
+- `inPath`: the appliance serves the volume itself from `backing` (a file or block device): every
+  write goes to the backing store and to the journal, then is acknowledged.
+- `mirrorTarget`: a hypervisor (QEMU `blockdev-mirror`, `copy-mode=write-blocking`) mirrors every
+  guest write to the appliance's export; the appliance journals it and acks. QEMU keeps the source.
+  The volume stays in initial sync until the mirror job is actively synced, which the appliance
+  learns from QEMU's QMP socket (`qmpSocket` and `mirrorJob`) or from the control API.
+
+A *journal* belongs to one VPG and keeps every write of its volumes plus checkpoints, within
+`history` and `hardLimit`.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Annotated, Self
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic.alias_generators import to_camel
+
+from secondsite.api.common import Duration, Quantity, parse_duration, parse_quantity
+
+__all__ = [
+    "ApplianceConfig",
+    "CaptureMode",
+    "JournalSpec",
+    "ListenSpec",
+    "VolumeSpec",
+]
+
+Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", max_length=63)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+        extra="forbid",
+        use_attribute_docstrings=True,
+        frozen=True,
+    )
+
+
+class CaptureMode(enum.StrEnum):
+    """How writes of a volume reach the appliance."""
+
+    IN_PATH = "inPath"
+    MIRROR_TARGET = "mirrorTarget"
+
+
+class VolumeSpec(_Model):
+    """One protected volume."""
+
+    name: Name
+    """The volume's name; also its NBD export name."""
+    vpg: Name
+    """The VPG it belongs to; a journal for that VPG must be configured."""
+    capture: CaptureMode = CaptureMode.IN_PATH
+    """How writes reach the appliance."""
+    backing: Path | None = None
+    """inPath only: the file or block device holding the volume's data."""
+    size: Quantity | None = None
+    """Size in bytes (or a quantity such as 10Gi). Required for mirrorTarget; for inPath it
+    defaults to the backing store's size."""
+    replica: Path | None = None
+    """The recovery-side replica file; default `<journal directory>/replicas/<name>.img`."""
+    qmp_socket: Path | None = None
+    """mirrorTarget only: QEMU's QMP socket, watched to learn when the mirror job is synced."""
+    mirror_job: str | None = None
+    """mirrorTarget only: the id of the QEMU mirror job writing to this volume."""
+
+    @model_validator(mode="after")
+    def _check_mode(self) -> Self:
+        if self.capture is CaptureMode.IN_PATH and self.backing is None:
+            raise ValueError(f"volume {self.name}: inPath capture needs `backing`")
+        if self.capture is CaptureMode.MIRROR_TARGET:
+            if self.size is None:
+                raise ValueError(f"volume {self.name}: mirrorTarget capture needs `size`")
+            if self.backing is not None:
+                raise ValueError(
+                    f"volume {self.name}: mirrorTarget keeps no copy of the source; drop `backing`"
+                )
+        if (self.qmp_socket is None) != (self.mirror_job is None):
+            raise ValueError(
+                f"volume {self.name}: give both `qmpSocket` and `mirrorJob`, or neither"
+            )
+        return self
+
+    def size_bytes(self) -> int | None:
+        return None if self.size is None else int(parse_quantity(self.size))
+
+
+class JournalSpec(_Model):
+    """The journal of one VPG."""
+
+    vpg: Name
+    directory: Path
+    """Where segments, the checkpoint table and (by default) replicas live."""
+    history: Duration = "24h"
+    """How far back checkpoints are kept (1h to 30d)."""
+    hard_limit: Quantity = "150Gi"
+    """Most bytes the journal may use; older entries are promoted into the replica beyond it."""
+    warning_percent: Annotated[int, Field(ge=1, le=100)] = 75
+    """Warn when the journal uses this share of `hardLimit`."""
+    checkpoint_interval_seconds: Annotated[float, Field(ge=0.1, le=3600)] = 5
+    """Seconds between automatic checkpoints."""
+    segment_bytes: Annotated[int, Field(ge=1 << 20)] = 256 << 20
+    """Size at which a journal segment file is closed and a new one started."""
+    scratch_directory: Path | None = None
+    """Where scratch overlays of writable PIT images go; default `<directory>/scratch`."""
+
+    def history_seconds(self) -> int:
+        return parse_duration(self.history)
+
+    def hard_limit_bytes(self) -> int:
+        return int(parse_quantity(self.hard_limit))
+
+
+class ListenSpec(_Model):
+    """Where the appliance listens."""
+
+    nbd_unix: Path | None = None
+    """A unix socket for the NBD server."""
+    nbd_tcp: str | None = None
+    """host:port for the NBD server over TCP (loopback or the pod's address)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.nbd_unix is None and self.nbd_tcp is None:
+            raise ValueError("listen: give nbdUnix, nbdTcp or both")
+        if self.nbd_tcp is not None:
+            host, sep, port = self.nbd_tcp.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+                raise ValueError(f"listen.nbdTcp must be host:port, not {self.nbd_tcp!r}")
+        return self
+
+    def tcp_address(self) -> tuple[str, int] | None:
+        if self.nbd_tcp is None:
+            return None
+        host, _, port = self.nbd_tcp.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+class ApplianceConfig(_Model):
+    """Everything one appliance serves."""
+
+    node: str | None = None
+    """The node this appliance runs for (informational; appears in logs and status)."""
+    listen: ListenSpec
+    journals: list[JournalSpec] = []
+    volumes: list[VolumeSpec] = []
+
+    @model_validator(mode="after")
+    def _check_refs(self) -> Self:
+        vpgs = [j.vpg for j in self.journals]
+        dup = {v for v in vpgs if vpgs.count(v) > 1}
+        if dup:
+            raise ValueError(f"more than one journal for VPG {', '.join(sorted(dup))}")
+        names = [v.name for v in self.volumes]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"volume names must be unique: {', '.join(sorted(dup))}")
+        for vol in self.volumes:
+            if vol.vpg not in vpgs:
+                raise ValueError(f"volume {vol.name}: no journal configured for VPG {vol.vpg}")
+        return self
+
+    def journal_for(self, vpg: str) -> JournalSpec:
+        return next(j for j in self.journals if j.vpg == vpg)
+
+    def volumes_of(self, vpg: str) -> list[VolumeSpec]:
+        return [v for v in self.volumes if v.vpg == vpg]

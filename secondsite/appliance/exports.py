@@ -1,0 +1,156 @@
+"""The appliance's NBD namespace: capture exports and point-in-time images, by name.
+
+| export name                | what                                                            |
+|----------------------------|-----------------------------------------------------------------|
+| `<volume>`                 | the volume's capture export (in-path or mirror target)          |
+| `pit/<volume>@<which>`     | read-only image of the volume at a checkpoint                   |
+| `test/<volume>@<which>`    | writable image over a scratch overlay, dropped on disconnect    |
+
+`<which>` selects the checkpoint: `latest` (the newest consistent one), a checkpoint id (`42`), or
+a tag (`tag:before-upgrade`, the newest checkpoint with that tag). Neither kind of image changes the
+replica or the journal; replication goes on while they are open. Each client connection gets its
+own image (and its own scratch overlay), closed when the connection ends.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Mapping
+
+import numpy as np
+
+from secondsite.appliance.journal import Checkpoint, JournalError, PitImage
+from secondsite.appliance.journal.checkpoints import CheckpointTable
+from secondsite.appliance.nbd.export import (
+    BlockSizes,
+    BytesLike,
+    Export,
+    ExportProvider,
+    NBDError,
+    UnknownExport,
+)
+from secondsite.appliance.vpg import VpgRuntime
+
+__all__ = ["ApplianceExports", "PitExport", "parse_image_name"]
+
+
+def parse_image_name(name: str) -> tuple[str, str, str] | None:
+    """`pit/vol@latest` -> ('pit', 'vol', 'latest'); None when `name` is no image name."""
+    kind, slash, rest = name.partition("/")
+    if not slash or kind not in ("pit", "test"):
+        return None
+    volume, at, which = rest.rpartition("@")
+    if not at or not volume or not which:
+        return None
+    return kind, volume, which
+
+
+class PitExport(Export):
+    """A PIT image served over NBD: read-only, or writable through its scratch overlay."""
+
+    def __init__(self, image: PitImage, checkpoint: Checkpoint) -> None:
+        self.image = image
+        self.checkpoint = checkpoint
+
+    @property
+    def size(self) -> int:
+        return self.image.size
+
+    @property
+    def read_only(self) -> bool:
+        return not self.image.writable
+
+    @property
+    def can_trim(self) -> bool:
+        return self.image.writable
+
+    @property
+    def can_write_zeroes(self) -> bool:
+        return self.image.writable
+
+    @property
+    def block_sizes(self) -> BlockSizes:
+        return BlockSizes(minimum=1, preferred=4096)
+
+    @property
+    def description(self) -> str:
+        mode = "scratch overlay" if self.image.writable else "read-only"
+        return f"{self.image.volume} at checkpoint {self.checkpoint.id} ({mode})"
+
+    async def read(self, offset: int, length: int) -> BytesLike:
+        try:
+            return await self.image.read(offset, length)
+        except JournalError as e:
+            raise NBDError(errno.EIO, f"read: {e}") from e
+
+    async def write(self, offset: int, data: BytesLike, *, fua: bool) -> None:
+        await self.image.write(offset, bytes(data))
+
+    async def write_zeroes(
+        self, offset: int, length: int, *, fua: bool, may_trim: bool, fast: bool = False
+    ) -> None:
+        await self.image.write_zeroes(offset, length)
+
+    async def trim(self, offset: int, length: int) -> None:
+        await self.image.trim(offset, length)
+
+    async def flush(self) -> None:
+        # A scratch overlay is discarded on close: there is nothing to make durable.
+        return None
+
+
+class ApplianceExports(ExportProvider):
+    """Resolves export names against the appliance's VPGs."""
+
+    def __init__(self, vpgs: Mapping[str, VpgRuntime]) -> None:
+        self._vpgs = vpgs
+
+    def _owner(self, volume: str) -> VpgRuntime | None:
+        for vpg in self._vpgs.values():
+            if volume in vpg.volumes:
+                return vpg
+        return None
+
+    def list_exports(self) -> list[str]:
+        return [name for vpg in self._vpgs.values() for name in vpg.volumes]
+
+    async def open_export(self, name: str) -> Export:
+        parsed = parse_image_name(name)
+        if parsed is None:
+            vpg = self._owner(name)
+            if vpg is None:
+                raise UnknownExport(name)
+            return vpg.volumes[name].export
+        kind, volume, which = parsed
+        vpg = self._owner(volume)
+        if vpg is None or vpg.journal is None:
+            raise UnknownExport(name)
+        checkpoint = select_checkpoint(vpg.journal.checkpoints, which)
+        if checkpoint is None:
+            raise UnknownExport(name)
+        try:
+            image = await vpg.journal.open_image(volume, checkpoint, writable=kind == "test")
+        except JournalError as e:
+            raise UnknownExport(name) from e
+        return PitExport(image, checkpoint)
+
+    async def release_export(self, export: Export) -> None:
+        if isinstance(export, PitExport):
+            export.image.close()
+
+
+def select_checkpoint(table: CheckpointTable, which: str) -> Checkpoint | None:
+    """The checkpoint `which` names (`latest`, `tag:<tag>`, or an id), or None."""
+    if which == "latest":
+        cols = table.columns()
+        consistent = np.flatnonzero(cols["consistent"])
+        if len(consistent):
+            return table.by_id(int(cols["cid"][consistent[-1]]))
+        floor = table.floor
+        return floor if floor is not None and floor.consistent else None
+    if which.startswith("tag:"):
+        tagged = table.by_tag(which[4:])
+        return tagged[-1] if tagged else None
+    if which.isdigit():
+        return table.by_id(int(which))
+    return None
