@@ -8,6 +8,7 @@ never pay for it. Set SECONDSITE_TEST_KUBECONFIG to run against a cluster that i
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,12 +36,15 @@ def devcluster() -> Iterator[DevCluster]:
             cluster.kubeconfig.symlink_to(Path(external).resolve())
         yield cluster
         return
-    cluster = DevCluster(name="pytest")
+    # One cluster per test session, so concurrent sessions (several developers' runs, or a demo
+    # cluster) never share state.
+    cluster = DevCluster(name=f"pytest-{os.getpid()}")
     cluster.up(fresh=True)
     try:
         yield cluster
     finally:
         cluster.down(quiet=True)
+        shutil.rmtree(cluster.dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
