@@ -160,12 +160,22 @@ class Connection(asyncio.BufferedProtocol):
         self._flush_scheduled = False
         self._cleanup: asyncio.Task[None] | None = None
         self._drain_timer: asyncio.TimerHandle | None = None
+        self._refused = False
 
     # -- asyncio protocol callbacks ---------------------------------------------------------------
+
+    def refuse(self) -> None:
+        """Drop this connection as soon as it is made (server full or closing)."""
+        self._refused = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         transport = cast(asyncio.Transport, transport)
+        if self._refused:
+            log.warning("nbd refusing connection: server full or closing")
+            self._phase = _Phase.CLOSED
+            transport.abort()
+            return
         self._transport = transport
         peer = transport.get_extra_info("peername")
         where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
@@ -232,6 +242,16 @@ class Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._drain_timer is not None:
             self._drain_timer.cancel()
+        if self._refused:
+            self.closed.set_result(None)
+            return
+        if self._export is not None:
+            log.info(
+                "nbd client disconnected peer=%s export=%s error=%s",
+                self.peer,
+                self.export_name,
+                exc,
+            )
         self._lost = True
         self._phase = _Phase.CLOSED
         self._payload = self._payload_view = None

@@ -35,6 +35,8 @@ __all__ = ["NBDServer", "ServerSettings", "run", "serve_tcp", "serve_unix"]
 class ServerSettings:
     """Limits and timeouts of an :class:`NBDServer`."""
 
+    max_connections: int = 1024
+    """Client connections at once; more are dropped as soon as they connect."""
     handshake_timeout: float = 30.0
     """Seconds a client has from connecting to entering transmission; then it is dropped."""
     max_options: int = 1024
@@ -69,9 +71,10 @@ class NBDServer:
 
     def _new_connection(self) -> Connection:
         connection = Connection(self.provider, self.settings, self._connections.discard)
-        self._connections.add(connection)
-        if self._closing:
-            connection.shutdown()
+        if self._closing or len(self._connections) >= self.settings.max_connections:
+            connection.refuse()  # dropped once connected, never tracked
+        else:
+            self._connections.add(connection)
         return connection
 
     async def listen_tcp(self, host: str, port: int) -> tuple[str, int]:

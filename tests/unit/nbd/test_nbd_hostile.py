@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from nbd_client import NBDClient, ReplyError
 from nbd_helpers import Harness, MiB
 
-from secondsite.appliance.nbd import BytesLike, MemoryExport
+from secondsite.appliance.nbd import BytesLike, MemoryExport, ServerSettings
 from secondsite.appliance.nbd import _wire as w
 
 FUZZ = settings(
@@ -235,3 +235,16 @@ async def test_read_error_reply_is_complete_in_simple_mode(nbd: Harness) -> None
         assert (await client.reply(good)).data == bytes(4096)
         with pytest.raises(ReplyError):
             await client.read(2**63, 1)
+
+
+@pytest.mark.parametrize("settings", [ServerSettings(max_connections=2)])
+async def test_connections_beyond_the_limit_are_dropped(nbd: Harness) -> None:
+    async with await nbd.client() as first, await nbd.client() as second:
+        third = await NBDClient.connect_unix(nbd.path)
+        assert await third.expect_closed() == b""
+        await third.close()
+        await first.write(0, b"1")
+        await second.write(1, b"2")
+        assert await first.read(0, 2) == b"12"
+    await nbd.provider.wait_released(2)
+    await assert_server_healthy(nbd)
