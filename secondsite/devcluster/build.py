@@ -140,7 +140,7 @@ Progress = Callable[[str], None]
 
 
 def _say(msg: str) -> None:
-    print(f"devcluster build: {msg}", file=sys.stderr, flush=True)
+    print(f"devcluster: {msg}", file=sys.stderr, flush=True)
 
 
 def _run_step(
