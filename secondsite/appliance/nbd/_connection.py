@@ -448,10 +448,10 @@ class Connection(asyncio.BufferedProtocol):
                 self._hard_disconnect("option %d from a client without fixed newstyle", option)
                 return
             if length > MAX_OPTION_LENGTH:
-                await self._skip(length)
-                if option == w.OPT_EXPORT_NAME:
+                if option == w.OPT_EXPORT_NAME:  # cannot be refused politely
                     self._hard_disconnect("export name of %d bytes", length)
                     return
+                await self._skip(length)
                 self._option_error(option, w.REP_ERR_TOO_BIG, "option payload too large")
                 continue
             data = await self._read(length)

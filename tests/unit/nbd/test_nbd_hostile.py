@@ -5,8 +5,10 @@ option and request parsers."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import struct
+import tracemalloc
 from collections.abc import Iterator
 
 import pytest
@@ -247,4 +249,23 @@ async def test_connections_beyond_the_limit_are_dropped(nbd: Harness) -> None:
         await second.write(1, b"2")
         assert await first.read(0, 2) == b"12"
     await nbd.provider.wait_released(2)
+    await assert_server_healthy(nbd)
+
+
+async def test_oversized_write_is_refused_before_its_payload_arrives(nbd: Harness) -> None:
+    """A write claiming 4 GiB is answered at once and its payload dropped as it streams in:
+    the server never buffers it (peak traced memory stays far below the claimed size)."""
+    tracemalloc.start()
+    try:
+        async with await nbd.client() as client:
+            handle = client.request(w.CMD_WRITE, 0, 0xFFFFFFFF, payload=b"\xab" * MiB)
+            reply = await client.reply(handle)
+            assert reply.error == errno.EINVAL
+            for _ in range(16):
+                client.send(b"\xcd" * MiB)
+                await client.drain()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * MiB
     await assert_server_healthy(nbd)
