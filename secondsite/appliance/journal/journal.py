@@ -97,7 +97,7 @@ log = logging.getLogger(__name__)
 
 _LATEST_FOLD_ROWS = 65536
 """The latest view lays up to this many new records over its map per read, then rebuilds it."""
-_APPLY_CHUNK = 32 << 20
+_UNDO_CHUNK_EXTENTS = 8192
 
 
 @dataclass(frozen=True)
@@ -945,13 +945,17 @@ class Journal:
         large sequential windows. With ``undo``, the old bytes are saved (and synced) first."""
         starts, ends, vals = ext.starts, ext.ends, ext.values
         total = int((ends - starts).sum()) if len(starts) else 0
-        lengths = ends - starts
-        bounds = np.searchsorted(np.cumsum(lengths), np.arange(_APPLY_CHUNK, total, _APPLY_CHUNK))
-        edges = [0, *np.unique(bounds + 1).tolist(), len(starts)]
-        for c in range(len(edges) - 1):
-            a, b = edges[c], min(edges[c + 1], len(starts))
-            if a >= b:
-                continue
+        # Work in journal order (segment, position): each segment is then read once, front to
+        # back, however scattered the writes are in the volume.
+        kinds = recs.kind[vals]
+        seg = np.where(kinds == int(RecordType.WRITE), recs.seg[vals], -1)
+        src = recs.pos[vals] + (starts - recs.offset[vals])
+        order = np.lexsort((src, seg))
+        starts, ends, vals, kinds = starts[order], ends[order], vals[order], kinds[order]
+        # Undo entries are synced once per chunk, before the chunk touches the replica.
+        chunk = len(starts) if undo is None else _UNDO_CHUNK_EXTENTS
+        for a in range(0, len(starts), max(1, chunk)):
+            b = a + chunk
             s, e, v = starts[a:b], ends[a:b], vals[a:b]
             if undo is not None:
                 for x, y in zip(s.tolist(), e.tolist(), strict=True):
@@ -959,8 +963,7 @@ class Journal:
                     replica.pread_into(memoryview(old), x)
                     undo.save(vid, x, old)
                 undo.sync()
-            kinds = recs.kind[v]
-            w = kinds == int(RecordType.WRITE)
+            w = kinds[a:b] == int(RecordType.WRITE)
             for x, y in zip(s[~w].tolist(), e[~w].tolist(), strict=True):
                 replica.zero(x, y - x)
             self._apply_writes(replica, s[w], e[w], v[w], recs)
