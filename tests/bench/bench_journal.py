@@ -24,7 +24,8 @@ from secondsite.appliance.journal import Journal, JournalConfig, RetentionPolicy
 
 GIB = 1 << 30
 MIB = 1 << 20
-VOLUME_SIZE = 256 * GIB  # sparse; large so that random 4 KiB writes rarely overlap
+VOLUME_SIZE = 256 * GIB
+"""Sparse; large so that random 4 KiB writes rarely overlap (--volume-size changes it)."""
 
 
 def parse_size(text: str) -> int:
@@ -198,9 +199,17 @@ async def main() -> None:
     ap.add_argument("--dir", default=None, help="where temp data goes (default: system temp)")
     ap.add_argument("--seconds", type=float, default=5.0, help="per append benchmark")
     ap.add_argument("--build-seconds", type=float, default=300.0, help="cap on building")
+    ap.add_argument(
+        "--volume-size", type=parse_size, default=VOLUME_SIZE, help="volume size (256GiB)"
+    )
     args = ap.parse_args()
+    global VOLUME_SIZE
+    VOLUME_SIZE = args.volume_size
     d = Path(tempfile.mkdtemp(prefix="bench-journal-", dir=args.dir))
-    print(f"data in {d}; cores={os.cpu_count()} load={os.getloadavg()[0]:.2f}")
+    print(
+        f"data in {d}; cores={os.cpu_count()} load={os.getloadavg()[0]:.2f};"
+        f" volume {VOLUME_SIZE / GIB:.0f} GiB (sparse)"
+    )
     print(f"| {'measure':<46} | {'value':>22} | note")
     print(f"|{'-' * 48}|{'-' * 24}|------")
     try:
