@@ -194,16 +194,16 @@ async def timed_open(j: Journal, cp_tag: str) -> tuple[float, float]:
 
 
 async def main() -> None:
+    global VOLUME_SIZE
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=parse_size, default=2 * GIB, help="big journal size (2GiB)")
     ap.add_argument("--dir", default=None, help="where temp data goes (default: system temp)")
     ap.add_argument("--seconds", type=float, default=5.0, help="per append benchmark")
     ap.add_argument("--build-seconds", type=float, default=300.0, help="cap on building")
     ap.add_argument(
-        "--volume-size", type=parse_size, default=VOLUME_SIZE, help="volume size (256GiB)"
+        "--volume-size", type=parse_size, default=256 * GIB, help="volume size (256GiB)"
     )
     args = ap.parse_args()
-    global VOLUME_SIZE
     VOLUME_SIZE = args.volume_size
     d = Path(tempfile.mkdtemp(prefix="bench-journal-", dir=args.dir))
     print(
