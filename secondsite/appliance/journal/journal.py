@@ -67,6 +67,7 @@ from .record import (
     SEGMENT_HEADER,
     CheckpointPayload,
     RecordType,
+    decode_segment_header,
     encode_checkpoint,
     encode_header,
 )
@@ -250,7 +251,9 @@ class Journal:
             self.checkpoints.floor = Checkpoint.from_json(state["floor"])
         vols = read_json(self.directory / "volumes.json") or {"volumes": []}
         for v in vols["volumes"]:
-            info = VolumeInfo(v["name"], int(v["id"]), int(v["size"]), Path(v["replica"]))
+            info = VolumeInfo(
+                v["name"], int(v["id"]), int(v["size"]), self.directory / Path(v["replica"])
+            )
             self._install_volume(info)
         scans = self._scan_segments()
         self._load_scans(scans)
@@ -326,8 +329,6 @@ class Journal:
         return scans
 
     def _load_sidecar(self, path: Path, segno: int) -> SegmentScan | None:
-        from .record import decode_segment_header
-
         with open(path, "rb") as f:
             hdr = decode_segment_header(f.read(SEGMENT_HEADER.size))
         if hdr is None:
@@ -469,7 +470,7 @@ class Journal:
                             "name": v.info.name,
                             "id": v.info.id,
                             "size": v.info.size,
-                            "replica": str(v.info.replica_path),
+                            "replica": _relative(v.info.replica_path, self.directory),
                         }
                         for v in self._volumes.values()
                     ],
@@ -632,7 +633,7 @@ class Journal:
         segs: list[int] = []
         for q in batch:
             r = q.rec
-            if r.segno != self._seal_candidate():
+            if r.segno != self._newest_segno():
                 self._seal(r.segno, r.seq)
             info = self._seg_info[r.segno]
             info[1] = r.seq
@@ -679,12 +680,12 @@ class Journal:
             else:
                 q.future.set_result(None)
 
-    def _seal_candidate(self) -> int:
+    def _newest_segno(self) -> int:
         return max(self._seg_info)
 
     def _seal(self, new_segno: int, first_seq: int) -> None:
         """The active segment is full: write its sidecar in the background, start the next."""
-        old = self._seal_candidate()
+        old = self._newest_segno()
         first, _last, size = self._seg_info[old]
         scan = SegmentScan(
             segno=old,
@@ -1260,3 +1261,11 @@ class Journal:
         undo.remove()
         self._write_state(failover=None)
         log.info(self._log("journal: failover rolled back", undo_entries=n))
+
+
+def _relative(path: Path, directory: Path) -> str:
+    """Replica paths inside the journal directory are stored relative, so it can be moved."""
+    try:
+        return str(path.relative_to(directory))
+    except ValueError:
+        return str(path)
