@@ -30,6 +30,7 @@ from secondsite.api.common import Duration, Quantity, parse_duration, parse_quan
 __all__ = [
     "ApplianceConfig",
     "CaptureMode",
+    "ControlTlsSpec",
     "JournalSpec",
     "ListenSpec",
     "VolumeSpec",
@@ -125,6 +126,27 @@ class JournalSpec(_Model):
         return int(parse_quantity(self.hard_limit))
 
 
+def _host_port(value: str, field: str) -> tuple[str, int]:
+    """`host:port` (IPv6 hosts in brackets) -> (host, port); ValueError naming `field`."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{field} must be host:port, not {value!r}")
+    return host.strip("[]"), int(port)
+
+
+class ControlTlsSpec(_Model):
+    """TLS of the control API: the server's certificate, and optionally the CA of its clients."""
+
+    cert_file: Path
+    """PEM certificate (chain) the control API presents."""
+    key_file: Path
+    """PEM private key of `certFile`."""
+    client_ca_file: Path | None = None
+    """PEM CA bundle. When set, clients must present a certificate signed by it (mutual TLS)
+    for every `/v1` request; a certificate it did not sign is refused during the handshake.
+    `/healthz` and `/metrics` stay reachable without one, for probes and scrapers."""
+
+
 class ListenSpec(_Model):
     """Where the appliance listens."""
 
@@ -132,22 +154,46 @@ class ListenSpec(_Model):
     """A unix socket for the NBD server."""
     nbd_tcp: str | None = None
     """host:port for the NBD server over TCP (loopback or the pod's address)."""
+    control: str | None = None
+    """host:port of the control API (port 0 picks a free one). HTTPS with `tls`, or plain HTTP
+    only when `controlPlainHttp` is set."""
+    tls: ControlTlsSpec | None = None
+    """Certificate, key and (for mutual TLS) client CA of the control API."""
+    token_file: Path | None = None
+    """File holding the bearer token every `/v1` request must carry; required with `control`.
+    Re-read when it changes, so a rotated secret takes effect without a restart."""
+    control_plain_http: bool = False
+    """Serve the control API over plain HTTP, without TLS: for tests and development only."""
 
     @model_validator(mode="after")
     def _check(self) -> Self:
         if self.nbd_unix is None and self.nbd_tcp is None:
             raise ValueError("listen: give nbdUnix, nbdTcp or both")
         if self.nbd_tcp is not None:
-            host, sep, port = self.nbd_tcp.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-                raise ValueError(f"listen.nbdTcp must be host:port, not {self.nbd_tcp!r}")
+            _host_port(self.nbd_tcp, "listen.nbdTcp")
+        if self.control is None:
+            if self.tls is not None or self.token_file is not None or self.control_plain_http:
+                raise ValueError("listen: tls, tokenFile and controlPlainHttp need `control`")
+            return self
+        _host_port(self.control, "listen.control")
+        if self.token_file is None:
+            raise ValueError(
+                "listen.control needs `tokenFile`: the control API always wants a token"
+            )
+        if self.tls is None and not self.control_plain_http:
+            raise ValueError(
+                "listen.control needs `tls` (certFile, keyFile), or `controlPlainHttp: true` "
+                "to serve plain HTTP (tests and development only)"
+            )
+        if self.tls is not None and self.control_plain_http:
+            raise ValueError("listen: give `tls` or `controlPlainHttp`, not both")
         return self
 
     def tcp_address(self) -> tuple[str, int] | None:
-        if self.nbd_tcp is None:
-            return None
-        host, _, port = self.nbd_tcp.rpartition(":")
-        return host.strip("[]"), int(port)
+        return None if self.nbd_tcp is None else _host_port(self.nbd_tcp, "listen.nbdTcp")
+
+    def control_address(self) -> tuple[str, int] | None:
+        return None if self.control is None else _host_port(self.control, "listen.control")
 
 
 class ApplianceConfig(_Model):
