@@ -5,11 +5,14 @@
 | `<volume>`                 | the volume's capture export (in-path or mirror target)          |
 | `pit/<volume>@<which>`     | read-only image of the volume at a checkpoint                   |
 | `test/<volume>@<which>`    | writable image over a scratch overlay, dropped on disconnect    |
+| `image/<id>`               | an image created through the control API, open until deleted   |
 
 `<which>` selects the checkpoint: `latest` (the newest consistent one), a checkpoint id (`42`), or
 a tag (`tag:before-upgrade`, the newest checkpoint with that tag). Neither kind of image changes the
 replica or the journal; replication goes on while they are open. Each client connection gets its
-own image (and its own scratch overlay), closed when the connection ends.
+own image (and its own scratch overlay), closed when the connection ends. An `image/<id>` is the
+exception: the appliance keeps it open (pinned) until the control API deletes it, and every
+connection to it shares it, scratch overlay included.
 """
 
 from __future__ import annotations
@@ -31,7 +34,10 @@ from secondsite.appliance.nbd.export import (
 )
 from secondsite.appliance.vpg import VpgRuntime
 
-__all__ = ["ApplianceExports", "PitExport", "parse_image_name"]
+__all__ = ["IMAGE_PREFIX", "ApplianceExports", "PitExport", "parse_image_name"]
+
+IMAGE_PREFIX = "image/"
+"""Export names of pinned images: `image/<id>`."""
 
 
 def parse_image_name(name: str) -> tuple[str, str, str] | None:
@@ -48,9 +54,13 @@ def parse_image_name(name: str) -> tuple[str, str, str] | None:
 class PitExport(Export):
     """A PIT image served over NBD: read-only, or writable through its scratch overlay."""
 
-    def __init__(self, image: PitImage, checkpoint: Checkpoint) -> None:
+    def __init__(self, image: PitImage, checkpoint: Checkpoint, *, pinned: bool = False) -> None:
         self.image = image
         self.checkpoint = checkpoint
+        self.pinned = pinned
+        """Created through the control API: shared by its connections, closed by its owner."""
+        self.connections = 0
+        """NBD connections using a pinned image right now."""
 
     @property
     def size(self) -> int:
@@ -102,8 +112,11 @@ class PitExport(Export):
 class ApplianceExports(ExportProvider):
     """Resolves export names against the appliance's VPGs."""
 
-    def __init__(self, vpgs: Mapping[str, VpgRuntime]) -> None:
+    def __init__(
+        self, vpgs: Mapping[str, VpgRuntime], pinned: Mapping[str, PitExport] | None = None
+    ) -> None:
         self._vpgs = vpgs
+        self._pinned: Mapping[str, PitExport] = {} if pinned is None else pinned
 
     def _owner(self, volume: str) -> VpgRuntime | None:
         for vpg in self._vpgs.values():
@@ -112,9 +125,16 @@ class ApplianceExports(ExportProvider):
         return None
 
     def list_exports(self) -> list[str]:
-        return [name for vpg in self._vpgs.values() for name in vpg.volumes]
+        volumes = [name for vpg in self._vpgs.values() for name in vpg.volumes]
+        return volumes + [IMAGE_PREFIX + image_id for image_id in self._pinned]
 
     async def open_export(self, name: str) -> Export:
+        if name.startswith(IMAGE_PREFIX):
+            pinned = self._pinned.get(name.removeprefix(IMAGE_PREFIX))
+            if pinned is None:
+                raise UnknownExport(name)
+            pinned.connections += 1
+            return pinned
         parsed = parse_image_name(name)
         if parsed is None:
             vpg = self._owner(name)
@@ -136,7 +156,10 @@ class ApplianceExports(ExportProvider):
 
     async def release_export(self, export: Export) -> None:
         if isinstance(export, PitExport):
-            export.image.close()
+            if export.pinned:
+                export.connections -= 1
+            else:
+                export.image.close()
 
 
 def select_checkpoint(table: CheckpointTable, which: str) -> Checkpoint | None:
