@@ -278,7 +278,7 @@ async def main() -> None:
         )
         await j.close()
         shutil.rmtree(d / "big")
-        base_scatter = baseline_scatter_mbps(d, min(written // 4096, 262_144))
+        base_scatter = baseline_scatter_mbps(d, min(written // 4096, 1 << 20))
         row(
             "baseline: random 4 KiB pwrites + 1 fdatasync",
             f"{base_scatter:,.0f} MB/s",
