@@ -73,21 +73,26 @@ class QmpClient:
             msg: dict[str, Any] = {"execute": command, "id": ident}
             if arguments:
                 msg["arguments"] = arguments
-            self._writer.write(json.dumps(msg).encode() + b"\n")
-            await self._writer.drain()
-            async with asyncio.timeout(timeout):
-                while True:
-                    reply = await self._read()
-                    if "event" in reply:
-                        self.events.append(reply)
-                        del self.events[:-256]
-                        continue
-                    if reply.get("id") != ident:
-                        continue
-                    if "error" in reply:
-                        err = reply["error"]
-                        raise QmpError(f"{command}: {err.get('class')}: {err.get('desc')}")
-                    return reply.get("return")
+            try:
+                self._writer.write(json.dumps(msg).encode() + b"\n")
+                await self._writer.drain()
+                async with asyncio.timeout(timeout):
+                    while True:
+                        reply = await self._read()
+                        if "event" in reply:
+                            self.events.append(reply)
+                            del self.events[:-256]
+                            continue
+                        if reply.get("id") != ident:
+                            continue
+                        if "error" in reply:
+                            err = reply["error"]
+                            raise QmpError(f"{command}: {err.get('class')}: {err.get('desc')}")
+                        return reply.get("return")
+            except TimeoutError as e:
+                raise QmpError(f"{command}: no reply in {timeout}s") from e
+            except OSError as e:  # QEMU went away: reset, broken pipe
+                raise QmpError(f"{command}: QMP connection lost: {e!r}") from e
 
     async def close(self) -> None:
         self._writer.close()

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import enum
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,8 @@ class SyncState(enum.StrEnum):
     DELTA_SYNC = "DeltaSync"
     PROTECTED = "Protected"
     NOT_SYNCED = "NotSynced"
-    """A mirror target whose mirror job is gone or not ready after a restart."""
+    """A mirror target whose mirror job is gone (or QEMU unreachable), or not ready after a
+    restart."""
 
 
 @dataclasses.dataclass
@@ -74,6 +77,9 @@ class VpgRuntime:
         self._tasks: list[asyncio.Task[Any]] = []
         self._state_file = journal_spec.directory / "capture-state.json"
         self._state: dict[str, Any] = {}
+        self._state_version = 0
+        self._state_written = 0
+        self._state_write_lock = threading.Lock()
         self._checkpoint_lock = asyncio.Lock()
         self.checkpoints_taken = 0
         self.inconsistent_checkpoints = 0
@@ -99,7 +105,7 @@ class VpgRuntime:
             ),
         )
         self._state["cleanShutdown"] = False
-        await asyncio.to_thread(write_json_atomic, self._state_file, self._state)
+        await self._save_state()
         for vs in self.volume_specs:
             self.volumes[vs.name] = await self._start_volume(journal, vs, clean)
         self._spawn(self._checkpoint_loop(), "checkpoints")
@@ -179,14 +185,26 @@ class VpgRuntime:
         if self.journal is not None:
             await self.journal.close()
             self._state["cleanShutdown"] = True
-            await asyncio.to_thread(write_json_atomic, self._state_file, self._state)
+            await self._save_state()
         log.info("vpg=%s event=stopped", self.name)
 
     # -- sync --------------------------------------------------------------------------------
 
+    async def _save_state(self) -> None:
+        self._state_version += 1
+        await asyncio.to_thread(self._write_state, self._state_version, copy.deepcopy(self._state))
+
+    def _write_state(self, version: int, state: dict[str, Any]) -> None:
+        # Writers run in threads and may overlap (or outlive a cancelled task): one at a time,
+        # since they share the file's tmp name, and never an older state over a newer one.
+        with self._state_write_lock:
+            if version > self._state_written:
+                write_json_atomic(self._state_file, state)
+                self._state_written = version
+
     async def _mark_synced(self, vol: VolumeRuntime, synced: bool) -> None:
         self._state["volumes"].setdefault(vol.spec.name, {})["synced"] = synced
-        await asyncio.to_thread(write_json_atomic, self._state_file, self._state)
+        await self._save_state()
 
     async def _resync(self, vol: VolumeRuntime, *, fresh: bool) -> None:
         assert isinstance(vol.export, InPathExport)
@@ -245,6 +263,9 @@ class VpgRuntime:
                     log.debug(
                         "vpg=%s volume=%s event=qmp-error error=%s", self.name, vol.spec.name, e
                     )
+                    # Without QEMU's word the mirror cannot be vouched for: QEMU may have
+                    # stopped, or restarted and be writing before a new mirror job is ready.
+                    self._set_mirror_state(vol, None, f"QMP unreachable: {e}")
                 await asyncio.sleep(_QMP_POLL)
         finally:
             if client is not None:
