@@ -82,7 +82,8 @@ class ReplicationApplianceStatus(ApiModel):
     observed_generation: int | None = None
     """The metadata.generation this status describes."""
     conditions: Conditions = Field(default_factory=list)
-    """Ready: the pod runs and its control API answers."""
+    """Ready: the pod runs and its control API answers; Reconciling and Stalled
+    (kstatus conventions)."""
     endpoint: str | None = None
     """Address (host:port) of the appliance's control API and replication stream."""
     pod_name: str | None = None

@@ -327,6 +327,27 @@ class ConditionStatus(enum.StrEnum):
     UNKNOWN = "Unknown"
 
 
+class ConditionType(enum.StrEnum):
+    """The condition types every kind with conditions reports, with the meaning tools give them.
+
+    They follow kstatus (sigs.k8s.io/cli-utils), which Flux, `kubectl wait` and Argo CD's health
+    checks (manifests/gitops/) read: `Ready` is the summary a person or a pipeline waits for;
+    `Reconciling` and `Stalled` are "abnormal-true" (absent means False). Together with
+    `status.observedGeneration` they tell a client whether the status describes the current spec:
+    kstatus reads an object as InProgress while its observedGeneration lags metadata.generation or
+    Reconciling is True, as Failed while Stalled is True, and as Current otherwise. Kinds add their
+    own types beside these (e.g. a VPG's RPOMet).
+    """
+
+    READY = "Ready"
+    """True when the object is what its spec asks for; False says why not (reason, message)."""
+    RECONCILING = "Reconciling"
+    """True while the operator works toward the spec (e.g. a VPG's initial sync)."""
+    STALLED = "Stalled"
+    """True when the operator cannot make progress until someone changes something (e.g. the
+    spec names a Site that does not exist); Ready is then False with the same reason."""
+
+
 class Condition(ApiModel):
     """The state of one aspect of an object, following the Kubernetes API conventions."""
 

@@ -223,7 +223,8 @@ class RecoveryRequestStatus(ApiModel):
     observed_generation: int | None = None
     """The metadata.generation this status describes."""
     conditions: Conditions = Field(default_factory=list)
-    """Ready: the recovered volumes are usable and the workloads started."""
+    """Ready: the recovered volumes are usable and the workloads started; Reconciling while the
+    phase is Pending, Preparing, Committing, RollingBack or Stopping; Stalled when Failed."""
     phase: RecoveryPhase | None = None
     """Pending, Preparing, Ready (waiting for an action), Committing, RollingBack, Stopping,
     Completed, RolledBack or Failed."""

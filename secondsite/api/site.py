@@ -36,7 +36,8 @@ class SiteStatus(ApiModel):
     observed_generation: int | None = None
     """The metadata.generation this status describes."""
     conditions: Conditions = Field(default_factory=list)
-    """Ready: every node of the site runs a ready appliance."""
+    """Ready: every node of the site runs a ready appliance; Reconciling and Stalled
+    (kstatus conventions)."""
     appliances: int | None = None
     """Appliances of the site (one per selected node)."""
     ready_appliances: int | None = None

@@ -224,7 +224,7 @@ class VirtualProtectionGroupStatus(ApiModel):
     observed_generation: int | None = None
     """The metadata.generation this status describes."""
     conditions: Conditions = Field(default_factory=list)
-    """Ready, RPOMet, HistoryMet and Syncing."""
+    """Ready, Reconciling and Stalled (kstatus conventions), RPOMet, HistoryMet and Syncing."""
     state: VpgState | None = None
     """The state at a glance: Initializing, Syncing, MeetingSLA, RPONotMet, HistoryNotMet,
     NotMeetingSLA, Paused, Testing, FailingOver, Moving, FailedOver or Error."""
