@@ -361,14 +361,14 @@ def env_seed(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
-async def read_export(socket: Path, export: str, chunk: int = MiB) -> bytes:
-    """The whole content of an NBD export, read over a fresh connection."""
+async def read_export(
+    socket: Path, export: str, offset: int = 0, length: int | None = None, chunk: int = MiB
+) -> bytes:
+    """Bytes of an NBD export (all of it by default), read over a fresh connection."""
     client, info = await connect_and_go(str(socket), export)
     try:
-        parts = [
-            await client.read(off, min(chunk, info.size - off))
-            for off in range(0, info.size, chunk)
-        ]
+        end = info.size if length is None else offset + length
+        parts = [await client.read(o, min(chunk, end - o)) for o in range(offset, end, chunk)]
     finally:
         await client.disconnect()
         await client.close()
