@@ -193,15 +193,35 @@ def crd_file_name(kind: Kind) -> str:
     return f"{kind.crd_name}.yaml"
 
 
+KUSTOMIZATION = "Kustomization"
+"""The kustomization of crds/, so that manifests/base can list `../../crds` as a resource.
+
+Kustomize accepts `kustomization.yaml`, `kustomization.yml` or `Kustomization`; only the last one
+is not read by `kubectl apply -f crds/`, which would fail on a Kustomization object.
+"""
+
+
+def render_kustomization(crd_files: Iterable[str]) -> str:
+    """The text of crds/Kustomization: a kustomization listing `crd_files`."""
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": sorted(crd_files),
+    }
+    return HEADER + yaml.dump(kustomization, Dumper=_Dumper, sort_keys=False, width=4096)
+
+
 def render_crds(kinds: Iterable[Kind] = KINDS) -> dict[str, str]:
-    """The text of every CRD file, by file name."""
-    return {
+    """The text of every file of crds/, by file name: each kind's CRD and the kustomization."""
+    rendered = {
         crd_file_name(kind): HEADER
         + yaml.dump(
             crd_manifest(kind), Dumper=_Dumper, sort_keys=True, width=4096, allow_unicode=True
         )
         for kind in kinds
     }
+    rendered[KUSTOMIZATION] = render_kustomization(rendered)
+    return rendered
 
 
 def _generated_files(directory: Path) -> set[str]:
@@ -209,7 +229,8 @@ def _generated_files(directory: Path) -> set[str]:
 
 
 def write_crds(directory: Path, kinds: Iterable[Kind] = KINDS) -> None:
-    """Write the CRD files into `directory`, removing generated files of kinds that are gone."""
+    """Write the CRD files and their kustomization into `directory`, removing generated files of
+    kinds that are gone."""
     rendered = render_crds(kinds)
     directory.mkdir(parents=True, exist_ok=True)
     for name in _generated_files(directory) - rendered.keys():
@@ -227,7 +248,11 @@ def check_crds(directory: Path, kinds: Iterable[Kind] = KINDS) -> list[str]:
     applied along with the CRDs by `kubectl apply -f crds/`.
     """
     rendered = render_crds(kinds)
-    present = {path.name for path in directory.glob("*.yaml")} if directory.is_dir() else set()
+    present: set[str] = set()
+    if directory.is_dir():
+        present = {path.name for path in directory.glob("*.yaml")}
+        if (directory / KUSTOMIZATION).exists():
+            present.add(KUSTOMIZATION)
     problems = []
     for name in sorted(rendered.keys() | present):
         if name not in present:

@@ -25,6 +25,7 @@ from secondsite.api import (
     VirtualProtectionGroupSpec,
 )
 from secondsite.api.crd import (
+    KUSTOMIZATION,
     SchemaError,
     check_crds,
     crd_file_name,
@@ -120,8 +121,27 @@ def test_write_removes_crds_of_kinds_that_are_gone_and_nothing_else(tmp_path: Pa
     write_crds(tmp_path, KINDS[1:])
     (tmp_path / "README.md").write_text("hand-written\n")
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
-        [*(crd_file_name(kind) for kind in KINDS[1:]), "README.md"]
+        [*(crd_file_name(kind) for kind in KINDS[1:]), KUSTOMIZATION, "README.md"]
     )
+    listed = yaml.safe_load((tmp_path / KUSTOMIZATION).read_text())["resources"]
+    assert listed == sorted(crd_file_name(kind) for kind in KINDS[1:])
+
+
+def test_kustomization_lists_every_crd_and_is_checked(tmp_path: Path) -> None:
+    """crds/ is a kustomize base (manifests/base uses it) that `kubectl apply -f` does not read."""
+    write_crds(tmp_path)
+    kustomization = yaml.safe_load((tmp_path / KUSTOMIZATION).read_text())
+    assert kustomization["kind"] == "Kustomization"
+    assert kustomization["resources"] == sorted(crd_file_name(kind) for kind in KINDS)
+    assert not KUSTOMIZATION.endswith((".yaml", ".yml", ".json"))
+    (tmp_path / KUSTOMIZATION).write_text("resources: []\n")
+    assert check_crds(tmp_path) == [f"stale: {KUSTOMIZATION}"]
+    (tmp_path / KUSTOMIZATION).unlink()
+    (tmp_path / "kustomization.yaml").write_text("resources: []\n")
+    assert sorted(check_crds(tmp_path)) == [
+        "extra (not generated): kustomization.yaml",
+        f"missing: {KUSTOMIZATION}",
+    ]
 
 
 def test_generation_is_deterministic_and_parses_back() -> None:
