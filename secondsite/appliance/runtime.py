@@ -1,32 +1,68 @@
-"""One appliance process: its VPGs and the NBD server in front of them.
+"""One appliance process: its VPGs, the NBD server in front of them, and the control API.
 
 `secondsite appliance --config FILE` runs :func:`main`: it reads an :class:`ApplianceConfig`, opens
-each VPG's journal, starts the NBD listeners, and serves until SIGTERM or SIGINT, when it stops
-accepting connections, lets requests in flight finish, flushes and closes every journal, and
-records a clean stop.
+each VPG's journal, starts the NBD listeners and (with `listen.control`) the control API, and serves
+until SIGTERM or SIGINT, when it stops the control API, stops accepting NBD connections, lets
+requests in flight finish, flushes and closes every journal, and records a clean stop.
+
+The config file may name listen addresses only: the control API's `PUT /v1/config` then declares
+the VPGs and volumes (:meth:`Appliance.apply`, planned by the pure :func:`plan_apply`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
-from secondsite.appliance.config import ApplianceConfig
-from secondsite.appliance.exports import ApplianceExports
+from secondsite.appliance.capture import MirrorTargetExport
+from secondsite.appliance.config import ApplianceConfig, JournalSpec, VolumeSpec
+from secondsite.appliance.control.errors import (
+    ApplyConflict,
+    ApplyFailed,
+    ApplyInvalid,
+    Conflict,
+    ImageBusyError,
+    NotMirrorTargetError,
+    UnknownImageError,
+    UnknownVolumeError,
+    UnknownVpgError,
+)
+from secondsite.appliance.control.models import (
+    ApplyResult,
+    Change,
+    ChangeAction,
+    CheckpointInfo,
+    FailoverState,
+    ImageInfo,
+)
+from secondsite.appliance.control.server import ControlServer
+from secondsite.appliance.exports import IMAGE_PREFIX, ApplianceExports, PitExport
+from secondsite.appliance.journal import (
+    Checkpoint,
+    ImagesOpenError,
+    Journal,
+    JournalClosedError,
+    RetentionPolicy,
+)
 from secondsite.appliance.nbd.server import NBDServer, new_event_loop
 from secondsite.appliance.vpg import VpgRuntime
 
-__all__ = ["Appliance", "load_config", "main"]
+__all__ = ["Appliance", "ImageRegistry", "PinnedImage", "load_config", "main", "plan_apply"]
 
 log = logging.getLogger("secondsite.appliance")
 
@@ -52,23 +88,259 @@ def load_config(path: Path) -> ApplianceConfig:
         raise ConfigError(f"{path} is not a valid appliance config:\n" + "\n".join(lines)) from e
 
 
+# -- declarative apply --------------------------------------------------------------------------
+
+_LIVE_JOURNAL_FIELDS = frozenset({"history", "hardLimit", "warningPercent"})
+"""Journal fields a running VPG takes on at once (its retention policy)."""
+
+_WHY_JOURNAL = {
+    "directory": "a running VPG's journal cannot move; remove the VPG and add it again",
+    "segmentBytes": "the segment size is fixed when the journal opens; restart the appliance",
+    "scratchDirectory": "scratch overlays of open images live there; restart the appliance",
+    "checkpointIntervalSeconds": "the checkpoint loop takes the interval at start; "
+    "restart the appliance (or remove the VPG and add it again)",
+}
+_WHY_VOLUME = {
+    "vpg": "a volume cannot move between VPGs while protected",
+    "capture": "the capture mode of a protected volume is fixed: its export, journal and sync "
+    "state depend on it",
+    "size": "a protected volume cannot be resized live: its replica and journal have a fixed size",
+    "backing": "the backing store of an in-path volume cannot be swapped live",
+    "replica": "the replica of a protected volume cannot move live",
+    "qmpSocket": "the QMP watcher of a mirror target cannot be repointed live",
+    "mirrorJob": "the QMP watcher of a mirror target cannot be repointed live",
+}
+
+
+def _journal_fields(j: JournalSpec) -> dict[str, object]:
+    """The journal's settings by wire name, quantities and durations normalized (1Gi == 2**30)."""
+    fields = j.model_dump(by_alias=True, exclude={"vpg"})
+    fields["history"] = j.history_seconds()
+    fields["hardLimit"] = j.hard_limit_bytes()
+    return fields
+
+
+def _volume_fields(v: VolumeSpec) -> dict[str, object]:
+    fields = v.model_dump(by_alias=True, exclude={"name"})
+    fields["size"] = v.size_bytes()
+    return fields
+
+
+def _diff(old: dict[str, object], new: dict[str, object]) -> list[str]:
+    return sorted(k for k in new if old.get(k) != new[k])
+
+
+def plan_apply(
+    current: ApplianceConfig,
+    desired: ApplianceConfig,
+    failover_phases: Mapping[str, str | None],
+) -> list[Change]:
+    """What applying ``desired`` over ``current`` changes, in the order it is applied.
+
+    Raises :class:`ApplyConflict` listing every change that cannot be applied live: a new
+    listen section, a volume's capture/size/backing/replica/QMP settings or VPG, journal settings
+    other than retention (history, hardLimit, warningPercent), removing a volume from a VPG that
+    stays, or any change to a VPG in the middle of a failover (``failover_phases``).
+    """
+    conflicts: list[Conflict] = []
+    changes: list[Change] = []
+    if desired.listen != current.listen:
+        conflicts.append(
+            Conflict(
+                "listen",
+                "listen addresses, TLS and token files cannot change while the appliance runs; "
+                "restart it with the new config",
+            )
+        )
+    if desired.node != current.node:
+        changes.append(
+            Change(kind="appliance", name="node", action=ChangeAction.CHANGED, fields=["node"])
+        )
+    old_vpgs = {j.vpg: j for j in current.journals}
+    new_vpgs = {j.vpg: j for j in desired.journals}
+    old_vols = {v.name: v for v in current.volumes}
+    new_vols = {v.name: v for v in desired.volumes}
+    dirs = {j.directory.resolve(): j.vpg for j in current.journals}
+
+    def in_failover(vpg: str, what: str) -> bool:
+        phase = failover_phases.get(vpg)
+        if phase is not None:
+            conflicts.append(
+                Conflict(
+                    f"vpgs.{vpg}",
+                    f"cannot {what}: the VPG is in failover phase {phase}; commit or roll back "
+                    "first",
+                )
+            )
+        return phase is not None
+
+    for name in sorted(old_vpgs.keys() | new_vpgs.keys()):
+        old, new = old_vpgs.get(name), new_vpgs.get(name)
+        vpg_changes: list[Change] = []
+        if new is None:
+            if not in_failover(name, "remove it"):
+                vpg_changes.append(Change(kind="vpg", name=name, action=ChangeAction.REMOVED))
+                vpg_changes += [
+                    Change(kind="volume", name=v.name, action=ChangeAction.REMOVED)
+                    for v in current.volumes_of(name)
+                ]
+            changes += vpg_changes
+            continue
+        if old is None:
+            owner = dirs.get(new.directory.resolve())
+            if owner is not None:
+                conflicts.append(
+                    Conflict(
+                        f"vpgs.{name}.directory",
+                        f"{new.directory} is the journal directory of running VPG {owner}",
+                    )
+                )
+            vpg_changes.append(Change(kind="vpg", name=name, action=ChangeAction.ADDED))
+        else:
+            changed = _diff(_journal_fields(old), _journal_fields(new))
+            for field in changed:
+                if field not in _LIVE_JOURNAL_FIELDS:
+                    conflicts.append(Conflict(f"vpgs.{name}.{field}", _WHY_JOURNAL[field]))
+            if changed:
+                vpg_changes.append(
+                    Change(kind="vpg", name=name, action=ChangeAction.CHANGED, fields=changed)
+                )
+        for vol in desired.volumes_of(name):
+            was = old_vols.get(vol.name)
+            if was is None:
+                vpg_changes.append(Change(kind="volume", name=vol.name, action=ChangeAction.ADDED))
+                continue
+            for field in _diff(_volume_fields(was), _volume_fields(vol)):
+                why = _WHY_VOLUME.get(field, "cannot change live")
+                conflicts.append(Conflict(f"volumes.{vol.name}.{field}", why))
+        if old is not None:
+            for vol in current.volumes_of(name):
+                if vol.name not in new_vols:
+                    conflicts.append(
+                        Conflict(
+                            f"volumes.{vol.name}",
+                            f"a volume cannot be removed from VPG {name} while it runs (its "
+                            "checkpoints cover every volume); remove the whole VPG",
+                        )
+                    )
+        if vpg_changes and old is not None and in_failover(name, "change it"):
+            continue
+        changes += vpg_changes
+    if conflicts:
+        raise ApplyConflict(conflicts)
+    return changes
+
+
+def _retention(spec: JournalSpec) -> RetentionPolicy:
+    return RetentionPolicy(
+        history_seconds=float(spec.history_seconds()),
+        hard_limit_bytes=spec.hard_limit_bytes(),
+        warning_percent=float(spec.warning_percent),
+    )
+
+
+def _preflight(desired: ApplianceConfig, changes: list[Change]) -> None:
+    """Check what the config model cannot: in-path backing stores of added volumes exist and
+    have the declared size. Raises :class:`ApplyInvalid` before anything is touched."""
+    added = {c.name for c in changes if c.kind == "volume" and c.action == "added"}
+    errors: list[dict[str, Any]] = []
+    for i, vol in enumerate(desired.volumes):
+        if vol.name not in added or vol.backing is None:
+            continue
+        loc: list[str | int] = ["volumes", i, "backing"]
+        try:
+            with open(vol.backing, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+        except OSError as e:
+            errors.append({"loc": loc, "msg": f"cannot open {vol.backing}: {e.strerror}"})
+            continue
+        declared = vol.size_bytes()
+        if declared is not None and declared != size:
+            errors.append(
+                {
+                    "loc": ["volumes", i, "size"],
+                    "msg": f"size {declared} differs from the backing store's {size}",
+                }
+            )
+    if errors:
+        raise ApplyInvalid([{**e, "type": "value_error"} for e in errors])
+
+
+# -- images pinned through the API ---------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PinnedImage:
+    """A PIT image created through the control API: open until deleted, served as `image/<id>`."""
+
+    id: str
+    vpg: str
+    export: PitExport
+    created: float = dataclasses.field(default_factory=time.time)
+
+
+class ImageRegistry(Mapping[str, PitExport]):
+    """The appliance's pinned images; as a mapping of id -> export it is what the NBD provider
+    looks `image/<id>` up in."""
+
+    def __init__(self) -> None:
+        self._images: dict[str, PinnedImage] = {}
+
+    def __getitem__(self, image_id: str) -> PitExport:
+        return self._images[image_id].export
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._images)
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def add(self, image: PinnedImage) -> None:
+        self._images[image.id] = image
+
+    def find(self, vpg: str, image_id: str) -> PinnedImage:
+        image = self._images.get(image_id)
+        if image is None or image.vpg != vpg:
+            raise UnknownImageError(f"VPG {vpg} has no image {image_id!r}")
+        return image
+
+    def of_vpg(self, vpg: str) -> list[PinnedImage]:
+        return [i for i in self._images.values() if i.vpg == vpg]
+
+    def close(self, image: PinnedImage) -> None:
+        """Forget the image and close it (its journal pin goes with it)."""
+        self._images.pop(image.id, None)
+        image.export.image.close()
+
+    def close_all(self) -> None:
+        for image in list(self._images.values()):
+            self.close(image)
+
+
+# -- the appliance -------------------------------------------------------------------------------
+
+
 class Appliance:
-    """The running appliance. `await start()`, then `await stop()`."""
+    """The running appliance. `await start()`, then `await stop()`; `apply()` reconfigures it."""
 
     def __init__(self, config: ApplianceConfig) -> None:
         self.config = config
         self.vpgs: dict[str, VpgRuntime] = {
             j.vpg: VpgRuntime(j, config.volumes_of(j.vpg)) for j in config.journals
         }
-        self.exports = ApplianceExports(self.vpgs)
+        self.images = ImageRegistry()
+        self.exports = ApplianceExports(self.vpgs, self.images)
         self.nbd = NBDServer(self.exports)
         self.addresses: list[str] = []
+        self.control: ControlServer | None = None
+        self._apply_lock = asyncio.Lock()
+        self._promoted: dict[str, Checkpoint] = {}
 
     async def start(self) -> None:
         started: list[VpgRuntime] = []
         try:
             for vpg in self.vpgs.values():
-                await vpg.start()
+                await _start_vpg(vpg)
                 started.append(vpg)
             listen = self.config.listen
             if listen.nbd_unix is not None:
@@ -77,33 +349,260 @@ class Appliance:
             tcp = listen.tcp_address()
             if tcp is not None:
                 await self.nbd.listen_tcp(*tcp)
+            self.addresses = self.nbd.addresses
+            if listen.control is not None:
+                self.control = ControlServer(self, listen)
+                await self.control.start()
         except BaseException:
             await self.nbd.close()
             for vpg in started:
                 await vpg.stop()
             raise
-        self.addresses = self.nbd.addresses
         log.info(
-            "event=serving node=%s nbd=%s vpgs=%s",
+            "event=serving node=%s nbd=%s control=%s vpgs=%s",
             self.config.node or "-",
             ",".join(self.addresses),
+            self.control.url if self.control is not None else "-",
             ",".join(self.vpgs),
         )
 
     async def stop(self) -> None:
         started = time.monotonic()
+        if self.control is not None:
+            await self.control.stop()
         await self.nbd.close()
+        self.images.close_all()
         for vpg in self.vpgs.values():
             await vpg.stop()
         log.info("event=stopped seconds=%.2f", time.monotonic() - started)
+
+    # -- lookups and status ----------------------------------------------------------------
+
+    def vpg(self, name: str) -> VpgRuntime:
+        vpg = self.vpgs.get(name)
+        if vpg is None:
+            raise UnknownVpgError(f"no VPG {name!r} on this appliance")
+        return vpg
+
+    def journal(self, name: str) -> Journal:
+        journal = self.vpg(name).journal
+        if journal is None:
+            raise JournalClosedError(f"VPG {name} is not running")
+        return journal
+
+    def vpg_status(self, name: str) -> dict[str, Any]:
+        vpg = self.vpg(name)
+        st = vpg.status()
+        st["failoverPhase"] = None if vpg.journal is None else vpg.journal.failover_phase
+        st["images"] = len(self.images.of_vpg(name))
+        return st
 
     def status(self) -> dict[str, Any]:
         return {
             "node": self.config.node,
             "nbd": self.addresses,
+            "control": None if self.control is None else self.control.url,
             "connections": self.nbd.connection_count,
-            "vpgs": {name: vpg.status() for name, vpg in self.vpgs.items()},
+            "vpgs": {name: self.vpg_status(name) for name in list(self.vpgs)},
         }
+
+    # -- declarative config ----------------------------------------------------------------
+
+    async def apply(self, desired: ApplianceConfig) -> ApplyResult:
+        """Make the running appliance match ``desired``; idempotent.
+
+        Starts added VPGs, adds volumes to running VPGs, retunes retention, then stops removed
+        VPGs (their journals stay on disk; images pinned on them are closed). Changes that cannot
+        be applied live raise :class:`ApplyConflict` and an unusable backing store
+        :class:`ApplyInvalid`, both before anything is touched. An I/O error while starting
+        raises :class:`ApplyFailed` after stopping what this call started (volumes added to
+        running VPGs stay).
+        """
+        async with self._apply_lock:
+            phases = {n: v.journal.failover_phase for n, v in self.vpgs.items() if v.journal}
+            changes = plan_apply(self.config, desired, phases)
+            _preflight(desired, changes)
+            current = self.config
+            started: list[VpgRuntime] = []
+            try:
+                for change in changes:
+                    if change.kind == "vpg" and change.action == "added":
+                        vpg = VpgRuntime(
+                            desired.journal_for(change.name), desired.volumes_of(change.name)
+                        )
+                        await _start_vpg(vpg)
+                        started.append(vpg)
+                        self.vpgs[vpg.name] = vpg
+                    elif change.kind == "volume" and change.action == "added":
+                        spec = next(v for v in desired.volumes if v.name == change.name)
+                        if any(j.vpg == spec.vpg for j in current.journals):
+                            await _add_volume(self.vpgs[spec.vpg], spec)
+            except Exception as e:
+                for vpg in started:
+                    self.vpgs.pop(vpg.name, None)
+                    await vpg.stop()
+                log.error("event=apply-failed error=%r undone=%s", e, [v.name for v in started])
+                raise ApplyFailed(
+                    f"applying failed: {e}; the VPGs this request started were stopped again"
+                ) from e
+            for change in changes:
+                if change.kind == "vpg" and change.action == "changed":
+                    self._retune(self.vpgs[change.name], desired.journal_for(change.name))
+                elif change.kind == "vpg" and change.action == "removed":
+                    await self._remove_vpg(change.name)
+            self.config = desired
+        for change in changes:
+            log.info(
+                "event=applied kind=%s name=%s action=%s fields=%s",
+                change.kind,
+                change.name,
+                change.action,
+                ",".join(change.fields) or "-",
+            )
+        return ApplyResult(changes=changes)
+
+    @staticmethod
+    def _retune(vpg: VpgRuntime, spec: JournalSpec) -> None:
+        # The journal reads its retention policy on every retention pass and status call.
+        vpg.spec = spec
+        if vpg.journal is not None:
+            vpg.journal.config = dataclasses.replace(vpg.journal.config, retention=_retention(spec))
+
+    async def _remove_vpg(self, name: str) -> None:
+        vpg = self.vpgs.pop(name)
+        for image in self.images.of_vpg(name):
+            self.images.close(image)
+        self._promoted.pop(name, None)
+        await vpg.stop()
+
+    # -- images ----------------------------------------------------------------------------
+
+    async def open_image(
+        self, vpg_name: str, volume: str, checkpoint: Checkpoint, *, writable: bool
+    ) -> PinnedImage:
+        """Open and pin the image of ``volume`` at ``checkpoint`` until :meth:`delete_image`."""
+        vpg = self.vpg(vpg_name)
+        if volume not in vpg.volumes:
+            raise UnknownVolumeError(f"VPG {vpg_name} has no volume {volume!r}")
+        image = await self.journal(vpg_name).open_image(volume, checkpoint, writable=writable)
+        pinned = PinnedImage(
+            secrets.token_hex(6), vpg_name, PitExport(image, checkpoint, pinned=True)
+        )
+        self.images.add(pinned)
+        log.info(
+            "vpg=%s volume=%s event=image-opened image=%s checkpoint=%d writable=%s",
+            vpg_name,
+            volume,
+            pinned.id,
+            checkpoint.id,
+            writable,
+        )
+        return pinned
+
+    def delete_image(self, vpg_name: str, image_id: str, *, force: bool = False) -> PinnedImage:
+        """Close a pinned image; refused while NBD clients use it, unless ``force``."""
+        image = self.images.find(vpg_name, image_id)
+        if image.export.connections and not force:
+            raise ImageBusyError(
+                f"image {image_id} has {image.export.connections} NBD connection(s); "
+                "disconnect them first, or delete with force=true"
+            )
+        self.images.close(image)
+        log.info(
+            "vpg=%s event=image-deleted image=%s connections=%d",
+            vpg_name,
+            image_id,
+            image.export.connections,
+        )
+        return image
+
+    def image_info(self, image: PinnedImage) -> ImageInfo:
+        export = IMAGE_PREFIX + image.id
+        pit = image.export
+        return ImageInfo(
+            id=image.id,
+            vpg=image.vpg,
+            volume=pit.image.volume,
+            checkpoint=CheckpointInfo.of(pit.checkpoint),
+            writable=pit.image.writable,
+            size=pit.size,
+            export=export,
+            nbd=[_nbd_uri(address, export) for address in self.addresses],
+            connections=pit.connections,
+            created=datetime.fromtimestamp(image.created, UTC),
+        )
+
+    # -- failover --------------------------------------------------------------------------
+
+    async def promote(self, vpg_name: str, checkpoint: Checkpoint) -> Checkpoint:
+        """Live failover: every replica of the VPG becomes its image at ``checkpoint``."""
+        journal = self.journal(vpg_name)
+        pinned = self.images.of_vpg(vpg_name)
+        if pinned:
+            ids = ", ".join(i.id for i in pinned)
+            raise ImagesOpenError(f"images {ids} of VPG {vpg_name} are open; delete them first")
+        cp = await journal.promote_to(checkpoint)
+        self._promoted[vpg_name] = cp
+        log.info("vpg=%s event=promoted checkpoint=%d", vpg_name, cp.id)
+        return cp
+
+    async def commit(self, vpg_name: str) -> None:
+        await self.journal(vpg_name).commit()
+        cp = self._promoted.pop(vpg_name, None)
+        log.info("vpg=%s event=failover-committed checkpoint=%s", vpg_name, cp and cp.id)
+
+    async def rollback(self, vpg_name: str) -> None:
+        await self.journal(vpg_name).rollback()
+        cp = self._promoted.pop(vpg_name, None)
+        log.info("vpg=%s event=failover-rolled-back checkpoint=%s", vpg_name, cp and cp.id)
+
+    def failover_state(self, vpg_name: str) -> FailoverState:
+        phase = self.journal(vpg_name).failover_phase
+        cp = self._promoted.get(vpg_name) if phase is not None else None
+        return FailoverState(
+            vpg=vpg_name, phase=phase, checkpoint=None if cp is None else CheckpointInfo.of(cp)
+        )
+
+    def set_mirror_ready(self, vpg_name: str, volume: str, ready: bool) -> None:
+        vpg = self.vpg(vpg_name)
+        if volume not in vpg.volumes:
+            raise UnknownVolumeError(f"VPG {vpg_name} has no volume {volume!r}")
+        if not isinstance(vpg.volumes[volume].export, MirrorTargetExport):
+            raise NotMirrorTargetError(f"volume {volume} is captured in-path, not a mirror target")
+        vpg.set_mirror_ready(volume, ready)
+
+
+async def _start_vpg(vpg: VpgRuntime) -> None:
+    """Start a VPG; if that fails midway, close what it opened (its journal) before raising."""
+    try:
+        await vpg.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await vpg.stop()
+        raise
+
+
+async def _add_volume(vpg: VpgRuntime, spec: VolumeSpec) -> None:
+    """Start protecting one more volume of a running VPG.
+
+    VpgRuntime starts volumes only in start(); this reuses its per-volume start. The volume is
+    started as after an unclean stop: one the journal knew before (its VPG removed and added
+    again) gets a delta sync instead of being trusted, since writes may have bypassed capture.
+    """
+    assert vpg.journal is not None
+    volume = await vpg._start_volume(vpg.journal, spec, clean=False)
+    vpg.volume_specs.append(spec)
+    vpg.volumes[spec.name] = volume
+    log.info("vpg=%s volume=%s event=volume-added state=%s", vpg.name, spec.name, volume.state)
+
+
+def _nbd_uri(address: str, export: str) -> str:
+    """`unix:/run/nbd.sock` or `tcp:host:port` -> the NBD URI of ``export`` there."""
+    kind, _, where = address.partition(":")
+    if kind == "unix":
+        return f"nbd+unix:///{export}?socket={where}"
+    host, _, port = where.rpartition(":")
+    return f"nbd://{f'[{host}]' if ':' in host else host}:{port}/{export}"
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -124,7 +623,10 @@ async def serve(config: ApplianceConfig, ready_file: Path | None = None) -> None
         loop.add_signal_handler(sig, stop.set)
     if ready_file is not None:
         tmp = ready_file.with_suffix(".tmp")
-        tmp.write_text("\n".join(appliance.addresses) + "\n")
+        lines = list(appliance.addresses)
+        if appliance.control is not None:
+            lines.append(f"control:{appliance.control.url}")
+        tmp.write_text("\n".join(lines) + "\n")
         os.replace(tmp, ready_file)
     await stop.wait()
     log.info("event=stopping why=signal")
@@ -136,7 +638,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ready-file",
         type=Path,
-        help="write the listening addresses to this file once serving (for supervisors and tests)",
+        help="write the listening addresses to this file once serving (for supervisors and "
+        "tests): NBD ones as tcp:HOST:PORT or unix:PATH, the control API as control:URL",
     )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
 

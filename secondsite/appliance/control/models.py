@@ -1,0 +1,272 @@
+"""Bodies of the control API's requests and responses: one home for the server and the client.
+
+Field names are camelCase on the wire and snake_case in Python, as in
+:class:`~secondsite.appliance.config.ApplianceConfig`, which `PUT /v1/config` takes as it is.
+Request bodies refuse fields they do not know; response bodies keep them (``extra="allow"``), so
+a client still parses the answers of a newer appliance, whose status carries more figures.
+
+A *checkpoint reference* (``CheckpointRef``) names one checkpoint of a VPG the way export names do:
+``"latest"`` (the newest consistent checkpoint), an id (``42`` or ``"42"``), ``"tag:<tag>"`` (the
+newest checkpoint with that tag), or ``"time:<RFC3339 or epoch seconds>"`` (the newest checkpoint
+taken at or before that time).
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from secondsite.appliance.journal import Checkpoint
+
+__all__ = [
+    "MAX_PAGE",
+    "ApplianceStatus",
+    "ApplyResult",
+    "Change",
+    "ChangeAction",
+    "CheckpointInfo",
+    "CheckpointPage",
+    "CheckpointRef",
+    "CheckpointRequest",
+    "ErrorBody",
+    "FailoverState",
+    "ImageInfo",
+    "ImageList",
+    "ImageRequest",
+    "JournalUsage",
+    "MirrorReadyRequest",
+    "PromoteRequest",
+    "VolumeStatus",
+    "VpgStatus",
+    "check_checkpoint_ref",
+]
+
+MAX_PAGE = 1000
+"""Most checkpoints one `GET .../checkpoints` answers; the default page is 100."""
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+        extra="forbid",
+        frozen=True,
+    )
+
+
+class _Reply(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+        extra="allow",
+    )
+
+
+def check_checkpoint_ref(ref: int | str) -> str:
+    """Normalize a checkpoint reference to its string form; ValueError when it names nothing."""
+    if isinstance(ref, int):
+        if ref < 0:
+            raise ValueError("a checkpoint id is not negative")
+        return str(ref)
+    if ref == "latest" or ref.isdigit():
+        return ref
+    kind, colon, rest = ref.partition(":")
+    if colon and rest and kind in ("tag", "time"):
+        return ref
+    raise ValueError(
+        f"{ref!r} names no checkpoint: give latest, an id, tag:<tag> or time:<RFC3339|epoch>"
+    )
+
+
+CheckpointRef = Annotated[int | str, AfterValidator(check_checkpoint_ref)]
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+class ErrorBody(_Reply):
+    """What every error response carries."""
+
+    error: str
+    """A stable code, e.g. `unknown-vpg`, `config-conflict`, `failover-state`."""
+    message: str
+    """What went wrong and, where it helps, what to do about it."""
+    details: list[dict[str, Any]] = []
+    """For `invalid-request`: pydantic's errors (`loc`, `msg`, `type`); for `config-conflict`:
+    one `{path, message}` per change that cannot be applied live."""
+
+
+# -- config --------------------------------------------------------------------------------------
+
+
+class ChangeAction(enum.StrEnum):
+    ADDED = "added"
+    REMOVED = "removed"
+    CHANGED = "changed"
+
+
+class Change(_Reply):
+    """One thing a `PUT /v1/config` changed."""
+
+    kind: Literal["appliance", "vpg", "volume"]
+    name: str
+    action: ChangeAction
+    fields: list[str] = []
+    """For `changed`: the fields (camelCase) whose values changed."""
+
+
+class ApplyResult(_Reply):
+    """The answer to `PUT /v1/config`: an empty list when the config was already in force."""
+
+    changes: list[Change] = []
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+
+
+class CheckpointInfo(_Reply):
+    id: int
+    seq: int
+    """Every journaled write with a smaller sequence number is in the checkpoint's image."""
+    time: datetime
+    tag: str | None = None
+    consistent: bool = True
+    """False for checkpoints taken while a volume was not in sync (their image may be torn)."""
+
+    @classmethod
+    def of(cls, cp: Checkpoint) -> CheckpointInfo:
+        return cls(
+            id=cp.id,
+            seq=cp.seq,
+            time=datetime.fromtimestamp(cp.time_ns / 1e9, UTC),
+            tag=cp.tag,
+            consistent=cp.consistent,
+        )
+
+
+class CheckpointRequest(_Request):
+    tag: Annotated[str, Field(min_length=1, max_length=253)] | None = None
+
+
+class CheckpointPage(_Reply):
+    """Checkpoints, newest first."""
+
+    checkpoints: list[CheckpointInfo]
+    next_before: int | None = None
+    """When more match: pass it as `before` to get the next (older) page."""
+
+
+# -- images --------------------------------------------------------------------------------------
+
+
+class ImageRequest(_Request):
+    volume: str
+    checkpoint: CheckpointRef = "latest"
+    writable: bool = False
+    """Writable images keep their writes in a scratch overlay, discarded on delete."""
+
+
+class ImageInfo(_Reply):
+    """A PIT image created through the API; served over NBD until deleted."""
+
+    id: str
+    vpg: str
+    volume: str
+    checkpoint: CheckpointInfo
+    writable: bool
+    size: int
+    export: str
+    """The NBD export name: `image/<id>`."""
+    nbd: list[str]
+    """NBD URIs of the export, one per NBD listener of the appliance."""
+    connections: int = 0
+    created: datetime
+
+
+class ImageList(_Reply):
+    images: list[ImageInfo]
+
+
+# -- failover ------------------------------------------------------------------------------------
+
+
+class PromoteRequest(_Request):
+    checkpoint: CheckpointRef
+
+
+class FailoverState(_Reply):
+    vpg: str
+    phase: str | None
+    """None, or `promoted` between promote and commit/rollback."""
+    checkpoint: CheckpointInfo | None = None
+    """The checkpoint promoted to (while promoted), or the oldest checkpoint after a commit."""
+
+
+class MirrorReadyRequest(_Request):
+    ready: bool
+
+
+# -- status --------------------------------------------------------------------------------------
+
+
+class JournalUsage(_Reply):
+    used_bytes: int
+    hard_limit_bytes: int | None = None
+    used_percent: float | None = None
+    history_seconds_configured: float
+    history_seconds_actual: float
+    history_met: bool
+    level: str
+    messages: list[str] = []
+
+
+class VolumeStatus(_Reply):
+    capture: str
+    state: str
+    """InitialSync, DeltaSync, Protected or NotSynced."""
+    reason: str = ""
+    size: int
+    writes: int
+    bytes_written: int
+    sync_percent: float | None = None
+    sync_eta_seconds: float | None = None
+
+
+class VpgStatus(_Reply):
+    vpg: str
+    consistent: bool
+    rpo_seconds: float | None = None
+    newest_checkpoint: CheckpointInfo | None = None
+    oldest_checkpoint: CheckpointInfo | None = None
+    checkpoint_count: int
+    durable_seq: int
+    promoted_seq: int
+    journal: JournalUsage
+    hold_ms: dict[str, float] = {}
+    volumes: dict[str, VolumeStatus] = {}
+    failover_phase: str | None = None
+    images: int = 0
+    """PIT images created through the API and not yet deleted."""
+
+
+class ApplianceStatus(_Reply):
+    node: str | None = None
+    nbd: list[str]
+    """Where the NBD server listens (`tcp:HOST:PORT`, `unix:PATH`)."""
+    control: str | None = None
+    """The control API's URL."""
+    connections: int
+    """NBD client connections open right now."""
+    vpgs: dict[str, VpgStatus] = {}
