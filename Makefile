@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 DEBS := qemu-utils qemu-system-common nbdkit libnbd-bin openssl iproute2
 PYTEST_ARGS ?=
 
-.PHONY: deps debs venv k8s-binaries test unit lint crds demo demo-down clean
+.PHONY: deps debs venv k8s-binaries pulumi-engine test unit lint crds demo demo-down clean
 
 deps: debs venv
 
@@ -22,7 +22,7 @@ debs:
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,pulumi]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -30,7 +30,11 @@ venv: $(VENV)/.installed
 k8s-binaries: venv
 	$(PY) -m secondsite devcluster build
 
-test: deps k8s-binaries
+# The Pulumi CLI and kubernetes plugin for the pulumi_engine tests (secondsite/devcluster/pulumi_build.py).
+pulumi-engine: venv
+	$(PY) -m secondsite.devcluster.pulumi_build
+
+test: deps k8s-binaries pulumi-engine
 	$(PY) -m secondsite crds --check
 	$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
