@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,7 @@ __all__ = [
 ]
 
 DEFAULT_PAGE = 100
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def parse_time(text: str) -> int:
@@ -40,20 +42,20 @@ def parse_time(text: str) -> int:
     """
     text = text.strip()
     try:
-        seconds = float(text)
-    except ValueError:
+        seconds = Decimal(text)
+    except InvalidOperation:
         pass
     else:
-        if not np.isfinite(seconds) or seconds < 0:
+        if not seconds.is_finite() or seconds < 0:
             raise ValueError(f"{text!r} is not a time")
-        return round(seconds * 1e9)
+        return int(seconds * 1_000_000_000)
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
         raise ValueError(f"{text!r} is neither RFC3339 nor epoch seconds") from None
     if when.tzinfo is None:
         raise ValueError(f"{text!r} has no UTC offset (add Z or +hh:mm)")
-    return round(when.timestamp() * 1e9)
+    return (when - _EPOCH) // timedelta(microseconds=1) * 1000
 
 
 @dataclass(frozen=True)
