@@ -1,0 +1,283 @@
+"""Helpers of the control API's e2e tests: a test PKI, the appliance process, polling, raw HTTP.
+
+The appliance is a real `python -m secondsite appliance` process started with listen addresses
+only (an empty config), so every test configures it through the API with the typed client. TLS
+material comes from a throwaway CA made with `cryptography`; a second, unrelated CA signs the
+"rogue" client certificate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from secondsite.appliance.config import ApplianceConfig
+
+TOKEN = "e2e-token-5f1d7c0b9a"
+MiB = 1 << 20
+QEMU_TOOLS = ("qemu-img", "qemu-io", "nbdinfo")
+
+_T = TypeVar("_T")
+# -- PKI -----------------------------------------------------------------------------------------
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _write(path: Path, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
+    path.with_suffix(".key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _cert(
+    cn: str,
+    issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
+    *,
+    ca: bool = False,
+    usage: x509.ObjectIdentifier | None = None,
+    sans: list[x509.GeneralName] | None = None,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    issuer_name, issuer_key = issuer if issuer is not None else (_name(cn), key)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    if usage is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return key, builder.sign(issuer_key, hashes.SHA256())
+
+
+@dataclass(frozen=True)
+class Pki:
+    dir: Path
+
+    def crt(self, stem: str) -> Path:
+        return self.dir / f"{stem}.crt"
+
+    def key(self, stem: str) -> Path:
+        return self.dir / f"{stem}.key"
+
+    def pair(self, stem: str) -> tuple[Path, Path]:
+        return self.crt(stem), self.key(stem)
+
+
+def make_pki(directory: Path) -> Pki:
+    """`ca`, `server` (127.0.0.1, localhost), `client` (signed by ca), `rogue` (another CA)."""
+    ca_key, ca = _cert("secondsite-test-ca", None, ca=True)
+    _write(directory / "ca", ca_key, ca)
+    issuer = (ca.subject, ca_key)
+    sans: list[x509.GeneralName] = [
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+    ]
+    _write(
+        directory / "server",
+        *_cert("appliance", issuer, usage=ExtendedKeyUsageOID.SERVER_AUTH, sans=sans),
+    )
+    _write(directory / "client", *_cert("operator", issuer, usage=ExtendedKeyUsageOID.CLIENT_AUTH))
+    rogue_ca_key, rogue_ca = _cert("rogue-ca", None, ca=True)
+    _write(
+        directory / "rogue",
+        *_cert(
+            "operator",
+            (rogue_ca.subject, rogue_ca_key),
+            usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+        ),
+    )
+    return Pki(directory)
+
+
+# -- the appliance process -----------------------------------------------------------------------
+
+
+class ApplianceProcess:
+    """`secondsite appliance` in a subprocess, configured with listen addresses only."""
+
+    def __init__(self, workdir: Path, listen: dict[str, Any]) -> None:
+        self.workdir = workdir
+        self.listen = listen
+        self.config_file = workdir / "appliance.yaml"
+        self.ready_file = workdir / "appliance.ready"
+        self.log_file = workdir / "appliance.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+        self.nbd_socket = Path(listen["nbdUnix"])
+
+    def start(self, timeout: float = 30) -> None:
+        self.config_file.write_text(yaml.safe_dump({"listen": self.listen}))
+        self.ready_file.unlink(missing_ok=True)
+        with open(self.log_file, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "secondsite",
+                    "appliance",
+                    "--config",
+                    str(self.config_file),
+                    "--ready-file",
+                    str(self.ready_file),
+                    "--log-level",
+                    "DEBUG",
+                ],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + timeout
+        while not self.ready_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"appliance did not start:\n{self.log()}")
+            time.sleep(0.05)
+        lines = self.ready_file.read_text().split()
+        self.url = next(
+            line.removeprefix("control:") for line in lines if line.startswith("control:")
+        )
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+                raise AssertionError(f"appliance ignored SIGTERM:\n{self.log()}") from None
+        return self.proc.returncode
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+    def nbd_uri(self, export: str) -> str:
+        return f"nbd+unix:///{export}?socket={self.nbd_socket}"
+
+    def config(
+        self, journals: list[dict[str, Any]], volumes: list[dict[str, Any]]
+    ) -> ApplianceConfig:
+        """A full config: this appliance's listen section plus ``journals`` and ``volumes``."""
+        return ApplianceConfig.model_validate(
+            {"listen": self.listen, "journals": journals, "volumes": volumes}
+        )
+
+
+def make_disk(path: Path, size: int = 16 * MiB) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[_T]], ok: Callable[[_T], bool], timeout: float = 30
+) -> _T:
+    """Poll ``probe`` until ``ok`` holds for its result (returned), or fail after ``timeout``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = await probe()
+        if ok(value):
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out; last value: {value!r}")
+        await asyncio.sleep(0.1)
+
+
+def journal(workdir: Path, vpg: str, **kw: object) -> dict[str, object]:
+    """A small journal spec with checkpoints every 0.5 s."""
+    return {
+        "vpg": vpg,
+        "directory": str(workdir / f"journal-{vpg}"),
+        "history": "1h",
+        "hardLimit": "256Mi",
+        "checkpointIntervalSeconds": 0.5,
+        "segmentBytes": 4 * MiB,
+        **kw,
+    }
+
+
+def tls_context(pki: Pki, client: str | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(pki.crt("ca")))
+    if client is not None:
+        ctx.load_cert_chain(*pki.pair(client))
+    return ctx
+
+
+async def raw_request(
+    url: str,
+    method: str,
+    path: str,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    headers: dict[str, str] | None = None,
+    json: Any = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """One request without the typed client (to send what it never would)."""
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session,
+        session.request(
+            method, url + path, headers=headers, json=json, ssl=ssl_context or False
+        ) as response,
+    ):
+        return response.status, dict(response.headers), await response.read()
+
+
+def run(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a QEMU / libnbd tool; fail with its output when it fails."""
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\n"
+            f"stderr:\n{proc.stderr}"
+        )
+    return proc
