@@ -74,6 +74,7 @@ __all__ = [
     "Welcome",
     "crc32c",
     "data_body",
+    "decode_all",
     "encode",
     "encode_data",
     "pack_frame",
