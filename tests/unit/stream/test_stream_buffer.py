@@ -1,4 +1,4 @@
-"""ProtectedBuffer (bounded, numbered, kept until acked, spilled into dirty regions) and DirtyMap."""
+"""ProtectedBuffer (bounded, numbered, kept until acked, spilled to dirty regions) and DirtyMap."""
 
 from __future__ import annotations
 
