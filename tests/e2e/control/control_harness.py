@@ -281,3 +281,35 @@ def run(*args: str, timeout: float = 60, check: bool = True) -> subprocess.Compl
             f"stderr:\n{proc.stderr}"
         )
     return proc
+
+
+def qemu_io(uri: str, *commands: str, check: bool = True) -> str:
+    """Run qemu-io commands on a raw NBD URI; with ``check``, fail on a failed command or a
+    pattern mismatch. Returns stdout and stderr."""
+    args = ["qemu-io", "-f", "raw"]
+    for command in commands:
+        args += ["-c", command]
+    proc = run(*args, uri, check=check)
+    out = proc.stdout + proc.stderr
+    if check:
+        assert "failed" not in out.lower() and "mismatch" not in out.lower(), out
+    return out
+
+
+class HeldConnection:
+    """An interactive qemu-io holding one NBD connection open until closed."""
+
+    def __init__(self, uri: str, *, read_only: bool = False) -> None:
+        self.proc = subprocess.Popen(
+            ["qemu-io", "-f", "raw", *(["-r"] if read_only else []), uri],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+
+    def close(self) -> None:
+        try:
+            self.proc.communicate(b"quit\n", timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate(timeout=10)
