@@ -6,8 +6,9 @@ Typical use::
     ...
     await server.close()
 
-:func:`run` runs a coroutine on uvloop when it is installed (about twice the request rate of the
-default loop), else on asyncio's own loop. The protocol itself lives in ``_connection.py``.
+:func:`run` runs a coroutine on uvloop when it is installed, else on asyncio's own loop (with this
+buffered protocol both measured about the same here: 4-8 us of server CPU per 4 KiB request,
+most of it in system calls). The protocol itself lives in ``_connection.py``.
 """
 
 from __future__ import annotations
