@@ -261,8 +261,8 @@ class Journal:
         if state["promoting"] is not None:
             cp = Checkpoint.from_json(state["promoting"])
             log.warning(self._log("journal: finishing interrupted promotion", seq=cp.seq))
-            self._promote_sync(cp, self._snapshots())
-            self._after_promotion(cp)
+            self._retention_promote_sync(cp, self._snapshots())
+            self._delete_segments(self._after_promotion(cp))
         fo = state["failover"]
         if fo is not None:
             phase = fo["phase"]
@@ -1036,18 +1036,25 @@ class Journal:
         )
         return total
 
-    def _after_promotion(self, cp: Checkpoint) -> None:
-        """Forget what the replica now holds: index rows, checkpoints, whole segments."""
+    def _after_promotion(self, cp: Checkpoint) -> list[int]:
+        """Forget what the replica now holds: index rows, checkpoints, whole segments. Returns
+        the segments to delete (see _delete_segments: slow, so not on the event loop)."""
         self._promoted_seq = cp.seq
         for v in self._volumes.values():
             n = int(np.searchsorted(v.index.view("seq"), cp.seq, side="right"))
             v.index.drop_prefix(n)
         self.checkpoints.drop_through(cp.seq, cp)
+        gone = []
         for segno in sorted(self._seg_info):
             if segno >= self._active_segno or self._seg_info[segno][1] > cp.seq:
                 break
-            self._segments.delete(segno)
+            gone.append(segno)
             del self._seg_info[segno]
+        return gone
+
+    def _delete_segments(self, segnos: list[int]) -> None:
+        for segno in segnos:
+            self._segments.delete(segno)
 
     async def promote(self, checkpoint: Checkpoint | int) -> int:
         """Promote every record before ``checkpoint`` into the replicas; it becomes the oldest
@@ -1068,7 +1075,7 @@ class Journal:
                 total = await asyncio.to_thread(self._retention_promote_sync, cp, self._snapshots())
             finally:
                 self._promoting_to = None
-            self._after_promotion(cp)
+            await asyncio.to_thread(self._delete_segments, self._after_promotion(cp))
             log.info(self._log("journal: promoted", checkpoint=cp.id, seq=cp.seq, bytes=total))
             return total
 

@@ -319,25 +319,35 @@ class SegmentSet:
             return h.fd
 
     def release(self, segno: int) -> None:
+        fd = -1
         with self._lock:
             h = self._handles[segno]
             h.refs -= 1
             if h.deleted and h.refs == 0:
-                os.close(h.fd)
+                fd = h.fd
                 del self._handles[segno]
+        if fd >= 0:
+            os.close(fd)
 
     def delete(self, segno: int) -> None:
-        """Forget a segment for new readers, unlink its files, close when the last reader leaves."""
+        """Forget a segment for new readers, unlink its files, close when the last reader leaves.
+
+        The last close of an unlinked file frees its blocks, which takes a while for a big
+        segment: it happens outside the lock (and callers call this from a worker thread).
+        """
+        fd = -1
         with self._lock:
             h = self._handles.get(segno)
             if h is None:
                 return
             h.deleted = True
-            h.path.unlink(missing_ok=True)
-            h.path.with_suffix(".idx").unlink(missing_ok=True)
             if h.refs == 0:
-                os.close(h.fd)
+                fd = h.fd
                 del self._handles[segno]
+        h.path.unlink(missing_ok=True)
+        h.path.with_suffix(".idx").unlink(missing_ok=True)
+        if fd >= 0:
+            os.close(fd)
 
     def close(self) -> None:
         with self._lock:
