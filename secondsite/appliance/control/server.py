@@ -34,9 +34,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel
 
 from secondsite.appliance.config import ApplianceConfig, ListenSpec
@@ -89,6 +90,34 @@ def _error_response(err: ApiError) -> web.Response:
     return response
 
 
+class _ProtocolLogger(logging.Logger):
+    """aiohttp's server-side logger: a request that is not valid HTTP becomes one warning line
+    (aiohttp has answered 400 and closed the connection) instead of an error with a traceback."""
+
+    def __init__(self) -> None:
+        super().__init__(log.name + ".http")
+        self.parent = log
+
+    def _bad_http(self, level: int, msg: object, args: tuple[object, ...], exc: object) -> bool:
+        if not isinstance(exc, HttpProcessingError):
+            return False
+        where = str(msg) % args if args else str(msg)
+        log.log(
+            level, "event=bad-http status=%d where=%r error=%r", exc.code, where, exc.message[:200]
+        )
+        return True
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kw: Any) -> None:
+        if not self._bad_http(logging.WARNING, msg, args, exc_info):
+            super().exception(msg, *args, exc_info=exc_info, **kw)
+
+    def debug(self, msg: object, *args: object, **kw: Any) -> None:
+        # aiohttp logs a first request with a bad method (often TLS or other binary traffic on
+        # the port) at debug level.
+        if not self._bad_http(logging.DEBUG, msg, args, kw.get("exc_info")):
+            super().debug(msg, *args, **kw)
+
+
 async def _body(request: web.Request, model: type[_M]) -> _M:
     """The request's JSON body as ``model``; an empty body means every default."""
     raw = await request.read()
@@ -119,7 +148,7 @@ class ControlServer:
             middlewares=[self._errors_and_logs, self._authenticate], client_max_size=_MAX_BODY
         )
         self._routes(app)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0, logger=_ProtocolLogger())
         await runner.setup()
         try:
             site = web.TCPSite(runner, *self._address, ssl_context=self._ssl, reuse_address=True)
