@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from secondsite.appliance.capture import MirrorTargetExport
 from secondsite.appliance.config import ApplianceConfig, JournalSpec, VolumeSpec
+from secondsite.appliance.control.auth import TokenFileError
 from secondsite.appliance.control.errors import (
     ApplyConflict,
     ApplyFailed,
@@ -654,7 +655,7 @@ def main(args: argparse.Namespace) -> int:
     loop = new_event_loop()
     try:
         loop.run_until_complete(serve(config, args.ready_file))
-    except OSError as e:
+    except (OSError, TokenFileError) as e:
         log.error("event=failed error=%r", e)
         return 1
     finally:

@@ -28,6 +28,7 @@ from secondsite.appliance.control import (
     ControlClient,
     InvalidRequestError,
     NotFoundError,
+    ServerError,
     UnsupportedError,
 )
 from secondsite.appliance.control.models import ErrorBody, VpgStatus
@@ -283,3 +284,37 @@ async def test_reverse_is_not_implemented_yet(
     assert info.value.status == 501 and "replication stream" in info.value.message
     with pytest.raises(NotFoundError):
         await client.reverse("nope")
+
+
+async def test_a_vpg_that_fails_to_start_undoes_the_whole_apply(
+    appliance: ApplianceProcess, client: ControlClient, workdir: Path
+) -> None:
+    blocker = workdir / "not-a-directory"
+    blocker.write_text("")
+    config = appliance.config(
+        [journal(workdir, "good"), {"vpg": "bad", "directory": str(blocker / "journal")}], []
+    )
+    with pytest.raises(ServerError) as info:
+        await client.put_config(config)
+    assert info.value.code == "apply-failed" and "stopped again" in info.value.message
+    assert (await client.status()).vpgs == {}
+    assert (await client.get_config()).journals == []
+    # The same appliance takes a good config afterwards.
+    result = await client.put_config(appliance.config([journal(workdir, "good")], []))
+    assert [(c.name, c.action) for c in result.changes] == [("good", "added")]
+
+
+async def test_an_appliance_without_a_usable_token_file_does_not_start(workdir: Path) -> None:
+    process = ApplianceProcess(
+        workdir,
+        {
+            "nbdUnix": str(workdir / "nbd.sock"),
+            "control": "127.0.0.1:0",
+            "tokenFile": str(workdir / "missing-token"),
+            "controlPlainHttp": True,
+        },
+    )
+    with pytest.raises(AssertionError, match="did not start"):
+        process.start(timeout=20)
+    assert process.proc is not None and process.proc.wait(10) == 1
+    assert "cannot read token file" in process.log() and "Traceback" not in process.log()
