@@ -16,6 +16,7 @@ from .errors import (
     UnknownVolumeError,
     VolumeExistsError,
 )
+from .failover import FailoverVolume
 from .journal import Journal, JournalConfig, JournalStatus, PendingAppend, VolumeInfo
 from .pit import PitImage
 from .retention import HistoryLevel, RetentionPolicy, RetentionStatus
@@ -24,6 +25,7 @@ __all__ = [
     "Checkpoint",
     "CorruptJournalError",
     "FailoverStateError",
+    "FailoverVolume",
     "HistoryLevel",
     "ImagesOpenError",
     "Journal",
