@@ -394,8 +394,16 @@ class Appliance:
     def vpg_status(self, name: str) -> dict[str, Any]:
         vpg = self.vpg(name)
         st = vpg.status()
-        st["failoverPhase"] = None if vpg.journal is None else vpg.journal.failover_phase
+        phase = None if vpg.journal is None else vpg.journal.failover_phase
+        st["failoverPhase"] = phase
         st["images"] = len(self.images.of_vpg(name))
+        if phase is not None:
+            state = "FailingOver"
+        elif vpg.consistent:
+            state = "Protected"
+        else:
+            state = "Syncing"
+        st.setdefault("state", state)
         return st
 
     def status(self) -> dict[str, Any]:

@@ -246,6 +246,9 @@ class VolumeStatus(_Reply):
 
 class VpgStatus(_Reply):
     vpg: str
+    state: str = ""
+    """Protected (every volume in sync), Syncing (some volume in initial, delta or no sync), or
+    FailingOver (promoted to a checkpoint, before commit or rollback)."""
     consistent: bool
     rpo_seconds: float | None = None
     newest_checkpoint: CheckpointInfo | None = None

@@ -246,8 +246,10 @@ async def test_mirror_ready(
     )
     status = await client.volume_status("vm", "root")
     assert status.state == "InitialSync" and status.capture == "mirrorTarget"
+    assert (await client.vpg_status("vm")).state == "Syncing"
     assert (await client.set_mirror_ready("vm", "root", True)).state == "Protected"
-    await eventually(lambda: client.vpg_status("vm"), lambda s: s.consistent)
+    vpg = await eventually(lambda: client.vpg_status("vm"), lambda s: s.consistent)
+    assert vpg.state == "Protected"
     assert (await client.set_mirror_ready("vm", "root", False)).state == "InitialSync"
     assert not (await client.vpg_status("vm")).consistent
     with pytest.raises(ConflictError) as info:

@@ -151,7 +151,8 @@ async def test_promote_rollback_and_commit(
     assert state.phase == "promoted" and state.checkpoint is not None
     assert state.checkpoint.id == a.id
     assert (await client.failover_state("app")).phase == "promoted"
-    assert (await client.vpg_status("app")).failover_phase == "promoted"
+    promoted = await client.vpg_status("app")
+    assert (promoted.failover_phase, promoted.state) == ("promoted", "FailingOver")
     assert same(at_a, replica)
     for refused in (
         client.promote("app", "tag:b"),
