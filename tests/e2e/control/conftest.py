@@ -74,6 +74,12 @@ def mtls_appliance(workdir: Path, pki: Pki) -> Iterator[ApplianceProcess]:
 
 
 @pytest.fixture
+def plain_appliance(workdir: Path) -> Iterator[ApplianceProcess]:
+    """Plain HTTP, as asked for with `controlPlainHttp` (tests and development only)."""
+    yield from _run(ApplianceProcess(workdir, _listen(workdir, controlPlainHttp=True)))
+
+
+@pytest.fixture
 async def client(appliance: ApplianceProcess, pki: Pki) -> AsyncIterator[ControlClient]:
     async with ControlClient(
         appliance.url, token=TOKEN, ca_file=pki.crt("ca"), timeout=30, retries=2

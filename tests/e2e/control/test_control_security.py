@@ -142,3 +142,12 @@ async def test_garbage_gets_400_and_the_server_survives(
     assert await client.healthz()
     assert (await client.status()).vpgs == {}
     assert appliance.alive()
+
+
+async def test_plain_http_when_asked(plain_appliance: ApplianceProcess) -> None:
+    assert plain_appliance.url.startswith("http://127.0.0.1:")
+    async with ControlClient(plain_appliance.url, token=TOKEN) as client:
+        assert (await client.status()).control == plain_appliance.url
+    async with ControlClient(plain_appliance.url, token=WRONG) as wrong:
+        with pytest.raises(UnauthorizedError):
+            await wrong.status()
