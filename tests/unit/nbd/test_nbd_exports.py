@@ -51,7 +51,8 @@ async def test_file_export_trim_and_zero_free_space(file_export: FileExport) -> 
     before = allocated(file_export.path)
     await file_export.trim(0, MiB)
     await file_export.write_zeroes(MiB, MiB, fua=True, may_trim=True)
-    assert allocated(file_export.path) <= before - 2 * MiB
+    # Freed: 2 MiB, give or take a block of file system metadata (the extent tree may grow).
+    assert allocated(file_export.path) <= before - 2 * MiB + 64 * 1024
     await file_export.write_zeroes(2 * MiB, MiB, fua=False, may_trim=False)
     assert await file_export.read(0, 3 * MiB) == bytes(3 * MiB)
     assert await file_export.read(3 * MiB, MiB) == b"y" * MiB
