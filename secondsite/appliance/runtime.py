@@ -58,7 +58,6 @@ from secondsite.appliance.journal import (
     ImagesOpenError,
     Journal,
     JournalClosedError,
-    RetentionPolicy,
 )
 from secondsite.appliance.nbd.server import NBDServer, new_event_loop
 from secondsite.appliance.vpg import VpgRuntime
@@ -91,15 +90,15 @@ def load_config(path: Path) -> ApplianceConfig:
 
 # -- declarative apply --------------------------------------------------------------------------
 
-_LIVE_JOURNAL_FIELDS = frozenset({"history", "hardLimit", "warningPercent"})
-"""Journal fields a running VPG takes on at once (its retention policy)."""
+_LIVE_JOURNAL_FIELDS = frozenset(
+    {"history", "hardLimit", "warningPercent", "checkpointIntervalSeconds"}
+)
+"""Journal fields a running VPG takes on at once (`VpgRuntime.retune`)."""
 
 _WHY_JOURNAL = {
     "directory": "a running VPG's journal cannot move; remove the VPG and add it again",
     "segmentBytes": "the segment size is fixed when the journal opens; restart the appliance",
     "scratchDirectory": "scratch overlays of open images live there; restart the appliance",
-    "checkpointIntervalSeconds": "the checkpoint loop takes the interval at start; "
-    "restart the appliance (or remove the VPG and add it again)",
 }
 _WHY_VOLUME = {
     "vpg": "a volume cannot move between VPGs while protected",
@@ -230,14 +229,6 @@ def plan_apply(
     if conflicts:
         raise ApplyConflict(conflicts)
     return changes
-
-
-def _retention(spec: JournalSpec) -> RetentionPolicy:
-    return RetentionPolicy(
-        history_seconds=float(spec.history_seconds()),
-        hard_limit_bytes=spec.hard_limit_bytes(),
-        warning_percent=float(spec.warning_percent),
-    )
 
 
 def _preflight(desired: ApplianceConfig, changes: list[Change]) -> None:
@@ -445,7 +436,7 @@ class Appliance:
                     elif change.kind == "volume" and change.action == "added":
                         spec = next(v for v in desired.volumes if v.name == change.name)
                         if any(j.vpg == spec.vpg for j in current.journals):
-                            await _add_volume(self.vpgs[spec.vpg], spec)
+                            await self.vpgs[spec.vpg].add_volume(spec)
             except Exception as e:
                 for vpg in started:
                     self.vpgs.pop(vpg.name, None)
@@ -456,7 +447,7 @@ class Appliance:
                 ) from e
             for change in changes:
                 if change.kind == "vpg" and change.action == "changed":
-                    self._retune(self.vpgs[change.name], desired.journal_for(change.name))
+                    self.vpgs[change.name].retune(desired.journal_for(change.name))
                 elif change.kind == "vpg" and change.action == "removed":
                     await self._remove_vpg(change.name)
             self.config = desired
@@ -469,13 +460,6 @@ class Appliance:
                 ",".join(change.fields) or "-",
             )
         return ApplyResult(changes=changes)
-
-    @staticmethod
-    def _retune(vpg: VpgRuntime, spec: JournalSpec) -> None:
-        # The journal reads its retention policy on every retention pass and status call.
-        vpg.spec = spec
-        if vpg.journal is not None:
-            vpg.journal.config = dataclasses.replace(vpg.journal.config, retention=_retention(spec))
 
     async def _remove_vpg(self, name: str) -> None:
         vpg = self.vpgs.pop(name)
@@ -589,20 +573,6 @@ async def _start_vpg(vpg: VpgRuntime) -> None:
         with contextlib.suppress(Exception):
             await vpg.stop()
         raise
-
-
-async def _add_volume(vpg: VpgRuntime, spec: VolumeSpec) -> None:
-    """Start protecting one more volume of a running VPG.
-
-    VpgRuntime starts volumes only in start(); this reuses its per-volume start. The volume is
-    started as after an unclean stop: one the journal knew before (its VPG removed and added
-    again) gets a delta sync instead of being trusted, since writes may have bypassed capture.
-    """
-    assert vpg.journal is not None
-    volume = await vpg._start_volume(vpg.journal, spec, clean=False)
-    vpg.volume_specs.append(spec)
-    vpg.volumes[spec.name] = volume
-    log.info("vpg=%s volume=%s event=volume-added state=%s", vpg.name, spec.name, volume.state)
 
 
 def _nbd_uri(address: str, export: str) -> str:

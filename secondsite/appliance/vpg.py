@@ -41,6 +41,15 @@ _RETENTION_PERIOD = 2.0
 _QMP_POLL = 0.5
 
 
+def retention_policy(spec: JournalSpec) -> RetentionPolicy:
+    """The journal's retention policy for a journal spec."""
+    return RetentionPolicy(
+        history_seconds=float(spec.history_seconds()),
+        hard_limit_bytes=spec.hard_limit_bytes(),
+        warning_percent=float(spec.warning_percent),
+    )
+
+
 class SyncState(enum.StrEnum):
     """Where a volume stands with respect to its source."""
 
@@ -96,11 +105,7 @@ class VpgRuntime:
             JournalConfig(
                 vpg=self.name,
                 segment_size=spec.segment_bytes,
-                retention=RetentionPolicy(
-                    history_seconds=float(spec.history_seconds()),
-                    hard_limit_bytes=spec.hard_limit_bytes(),
-                    warning_percent=float(spec.warning_percent),
-                ),
+                retention=retention_policy(spec),
                 scratch_dir=spec.scratch_directory,
             ),
         )
@@ -221,6 +226,33 @@ class VpgRuntime:
         vol.state, vol.reason = SyncState.PROTECTED, ""
         await self._mark_synced(vol, True)
 
+    async def add_volume(self, spec: VolumeSpec) -> VolumeRuntime:
+        """Start protecting one more volume while the VPG runs.
+
+        It starts as after an unclean stop: a volume the journal knew before (say, its VPG was
+        removed and added again) gets a delta sync instead of being trusted, since writes may have
+        bypassed capture meanwhile.
+        """
+        assert self.journal is not None
+        if spec.name in self.volumes:
+            raise ValueError(f"volume {spec.name} is already protected by VPG {self.name}")
+        volume = await self._start_volume(self.journal, spec, clean=False)
+        self.volume_specs.append(spec)
+        self.volumes[spec.name] = volume
+        log.info("vpg=%s volume=%s event=volume-added state=%s", self.name, spec.name, volume.state)
+        return volume
+
+    def retune(self, spec: JournalSpec) -> None:
+        """Apply a new history, hard limit, warning level or checkpoint interval live."""
+        if spec.directory != self.spec.directory or spec.vpg != self.spec.vpg:
+            raise ValueError("a VPG's journal directory and name cannot change while it runs")
+        self.spec = spec
+        if self.journal is not None:
+            # The journal reads its policy on every retention pass and status call.
+            self.journal.config = dataclasses.replace(
+                self.journal.config, retention=retention_policy(spec)
+            )
+
     def set_mirror_ready(self, volume: str, ready: bool) -> None:
         """What the control API calls when whoever runs the mirror says it is (not) ready."""
         vol = self.volumes[volume]
@@ -290,13 +322,17 @@ class VpgRuntime:
         return cp
 
     async def _checkpoint_loop(self) -> None:
-        interval = self.spec.checkpoint_interval_seconds
-        next_at = time.monotonic() + interval
+        # The interval is read every round, so `retune` takes effect at the next checkpoint.
+        next_at = time.monotonic() + self.spec.checkpoint_interval_seconds
         while True:
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            interval = self.spec.checkpoint_interval_seconds
             next_at += interval
             if next_at < time.monotonic():  # fell behind (a stall): don't burst to catch up
                 next_at = time.monotonic() + interval
+            assert self.journal is not None
+            if self.journal.failover_phase is not None:
+                continue  # promoted for a failover: the journal takes no checkpoints until commit
             try:
                 await self.checkpoint()
             except Exception as e:

@@ -74,9 +74,12 @@ def test_quantities_and_durations_compare_by_value() -> None:
 
 def test_retention_changes_live_and_lists_the_fields() -> None:
     old = config([journal("a")], [disk("d1", "a")])
-    new = config([journal("a", history="48h", warningPercent=80)], [disk("d1", "a")])
+    new = config(
+        [journal("a", history="48h", warningPercent=80, checkpointIntervalSeconds=2)],
+        [disk("d1", "a")],
+    )
     assert summary(plan_apply(old, new, {})) == [
-        ("vpg", "a", "changed", ["history", "warningPercent"])
+        ("vpg", "a", "changed", ["checkpointIntervalSeconds", "history", "warningPercent"])
     ]
 
 
@@ -122,7 +125,8 @@ def test_journal_changes_that_cannot_be_applied_live() -> None:
     old = config([journal("a")])
     new = config([journal("a", directory="/elsewhere", checkpointIntervalSeconds=1)])
     found = conflicts(old, new)
-    assert set(found) == {"vpgs.a.directory", "vpgs.a.checkpointIntervalSeconds"}
+    # The checkpoint interval is retuned live; the journal's directory is not.
+    assert set(found) == {"vpgs.a.directory"}
 
 
 def test_every_conflict_is_reported_at_once_and_nothing_is_planned() -> None:
