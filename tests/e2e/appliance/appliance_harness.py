@@ -223,6 +223,18 @@ class ApplianceProcess:
             ) from None
         assert rc == 0, f"appliance exited {rc} after SIGTERM:\n{self.log()}"
 
+    def wait_log(self, text: str, count: int = 1, timeout: float = 60) -> None:
+        """Wait until the log of the current run holds ``text`` ``count`` times."""
+        deadline = time.monotonic() + timeout
+        marker = f"--- start {self.starts - 1}\n"
+        while True:
+            run = self.log_file.read_text(errors="replace").rpartition(marker)[2]
+            if run.count(text) >= count:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {count} x {text!r} in {timeout}s:\n{self.log()}")
+            time.sleep(0.05)
+
     def log(self, tail: int = 60) -> str:
         try:
             lines = self.log_file.read_text(errors="replace").splitlines()

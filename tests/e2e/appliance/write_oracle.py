@@ -111,13 +111,15 @@ class Oracle:
         self._ack_ns = [a for a, _ in acked]
         self._ack_seq = [s for _, s in acked]
 
-    def decode(self, volume: int, image: bytes) -> dict[int, int]:
-        """Block offset -> seq of the stamp there, for every non-zero block. A block that is
-        neither zeroes nor a whole, well-placed stamp is corruption."""
+    def decode(self, volume: int, image: bytes, base: int = 0) -> dict[int, int]:
+        """Block offset -> seq of the stamp there, for every non-zero block of ``image`` (the
+        volume's bytes from offset ``base``). A block that is neither zeroes nor a whole,
+        well-placed stamp is corruption."""
         found: dict[int, int] = {}
         view = memoryview(image)
-        for off in range(0, len(image), BLOCK):
-            block = view[off : off + BLOCK]
+        for at in range(0, len(image), BLOCK):
+            block = view[at : at + BLOCK]
+            off = base + at
             if block == _ZERO:
                 continue
             magic, seq, vol, at = _STAMP.unpack_from(block)
@@ -147,10 +149,11 @@ class Oracle:
         i = bisect.bisect_left(self._ack_ns, time_ns) - 1
         return self._ack_seq[i] if i >= 0 else 0
 
-    def check(self, images: Mapping[str, bytes], time_ns: int, what: str) -> Verdict:
-        """Assert the images (one per volume) are the replay of a prefix of the workload that
-        holds every write acked before ``time_ns``; returns that prefix."""
-        decoded = {v: self.decode(v, images[name]) for v, name in enumerate(self.volumes)}
+    def check(self, images: Mapping[str, bytes], time_ns: int, what: str, base: int = 0) -> Verdict:
+        """Assert the images (one per volume, each the volume's bytes from offset ``base`` on,
+        covering every block the workload writes) are the replay of a prefix of the workload
+        that holds every write acked before ``time_ns``; returns that prefix."""
+        decoded = {v: self.decode(v, images[name], base) for v, name in enumerate(self.volumes)}
         prefix = max((s for d in decoded.values() for s in d.values()), default=0)
         for v, name in enumerate(self.volumes):
             seen = decoded[v]
