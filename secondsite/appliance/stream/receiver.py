@@ -35,7 +35,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from .frames import (
     MAX_BODY,
@@ -352,6 +352,7 @@ class _Session:
             try:
                 await durable
             except Exception as e:
+                self._abandon_pending()
                 raise _Closed(
                     f"record {seq} not durable: {e!r}", ErrorCode.SINK_FAILED, warn=True
                 ) from e
@@ -361,6 +362,15 @@ class _Session:
             self._schedule_ack()
             if self._inflight <= self.settings.max_inflight_bytes // 2:
                 self._room.set()
+
+    def _abandon_pending(self) -> None:
+        """The sink failed: records after the failed one are not waited for any more; their
+        futures' failures are expected, not errors of their own."""
+        for _, durable, _ in self._pending:
+            if isinstance(durable, asyncio.Future):
+                durable.add_done_callback(_consume)
+        self._pending.clear()
+        self._inflight = 0
 
     async def drain(self) -> bool:
         """Stop taking records; wait (bounded) until those in flight are durable. False if some
@@ -436,13 +446,18 @@ class _Session:
             await asyncio.wait_for(self.writer.wait_closed(), 1.0)
 
 
+def _consume(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 class _Protocol(asyncio.StreamReaderProtocol):
     """Stops reading as soon as the connection is made, so that no TLS byte reaches the stream
     reader before the handler starts TLS on the connection."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.pause_reading()
+        # uvloop's transports are not asyncio.Transport subclasses: cast, don't check.
+        cast(asyncio.Transport, transport).pause_reading()
         super().connection_made(transport)
 
 
@@ -526,10 +541,8 @@ class StreamReceiver:
             await self._finish(session, registered)
 
     async def _start_tls(self, session: _Session) -> None:
-        transport = session.writer.transport
-        assert isinstance(transport, asyncio.Transport)
         if self.ssl_context is None:
-            transport.resume_reading()
+            cast(asyncio.Transport, session.writer.transport).resume_reading()
             return
         try:
             await session.writer.start_tls(

@@ -11,7 +11,9 @@ with its own sequence. The receiver calls, per connection:
 3. ``submit(source, record)`` for every record above the position, in seq order, without waiting
    for the previous one: the returned awaitable completes once the record is durable (group
    commit) and raises if it cannot be made durable. Awaiting it once complete must not yield
-   (an ``asyncio.Future`` or the journal's ``PendingAppend`` qualify).
+   (an ``asyncio.Future`` or the journal's ``PendingAppend`` qualify). Once a record of a source
+   failed, no later record of that source may become durable until the source attaches again
+   (the journal stops at its first I/O error): the position must stay a prefix of the stream.
 
 Records of one source arrive strictly in seq order with gaps allowed (a gap is what the protected
 side dropped into its dirty-region map). CHECKPOINT_MARK records carry the checkpoint request id
@@ -74,6 +76,7 @@ class MemorySink:
         self._volumes: dict[str, list[str]] = {}
         self._submitted: dict[str, int] = {}
         self._group: list[tuple[str, Record, asyncio.Future[None]]] = []
+        self._broken: set[str] = set()
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
         self.commits = 0
         self.fail_next: Exception | None = None
@@ -90,11 +93,14 @@ class MemorySink:
             images.setdefault(v.name, bytearray(v.size))
         self._volumes[source] = [v.name for v in volumes]
         self._submitted[source] = self.position(source)
+        self._broken.discard(source)
 
     def position(self, source: str) -> int:
         return self.state.positions.get(source, 0)
 
     def submit(self, source: str, record: Record) -> asyncio.Future[None]:
+        if source in self._broken:
+            raise SinkError(f"source {source}: an earlier commit failed")
         last = self._submitted.get(source, 0)
         if record.seq <= last:
             raise SinkError(f"source {source}: seq {record.seq} after {last}: double apply")
@@ -115,11 +121,15 @@ class MemorySink:
     def _commit(self) -> None:
         group, self._group, self._timer = self._group, [], None
         failure, self.fail_next = self.fail_next, None
+        if failure is not None:
+            self._broken.update(source for source, _, _ in group)
         for source, record, fut in group:
-            if failure is not None:
+            if source in self._broken:
                 self._submitted[source] = self.position(source)
                 if not fut.done():
-                    fut.set_exception(SinkError(f"commit failed: {failure}"))
+                    fut.set_exception(
+                        SinkError(f"commit failed: {failure or 'an earlier one did'}")
+                    )
                 continue
             self._apply(source, record)
             if not fut.done():

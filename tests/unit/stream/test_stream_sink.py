@@ -49,14 +49,21 @@ async def test_double_apply_is_refused() -> None:
     await sink.submit("b", Record(1, 0, Op.WRITE, 1, 1, b"y"))  # sources are independent
 
 
-async def test_a_failed_commit_is_not_durable_and_may_be_resubmitted() -> None:
-    sink = MemorySink()
+async def test_after_a_failed_commit_nothing_later_becomes_durable() -> None:
+    sink = MemorySink(commit_delay=0.01)
     sink.attach("a", VOLS)
     sink.fail_next = OSError("disk gone")
-    fut = sink.submit("a", Record(1, 0, Op.WRITE, 0, 1, b"x"))
+    first = sink.submit("a", Record(1, 0, Op.WRITE, 0, 1, b"x"))
+    await asyncio.sleep(0.005)
+    second = sink.submit("a", Record(2, 0, Op.WRITE, 1, 1, b"y"))  # into the same group
+    with pytest.raises(SinkError, match="disk gone"):
+        await first
     with pytest.raises(SinkError):
-        await fut
-    assert sink.position("a") == 0
+        await second
+    with pytest.raises(SinkError, match="earlier"):
+        sink.submit("a", Record(3, 0, Op.WRITE, 2, 1, b"z"))
+    assert sink.position("a") == 0 and sink.state.images["d0"][:3] == bytes(3)
+    sink.attach("a", VOLS)  # a new connection: resubmitted from the position
     await sink.submit("a", Record(1, 0, Op.WRITE, 0, 1, b"x"))
     assert sink.position("a") == 1
 
