@@ -31,11 +31,12 @@ import contextlib
 import functools
 import itertools
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from .frames import (
     MAX_BODY,
@@ -451,16 +452,6 @@ def _consume(fut: asyncio.Future[None]) -> None:
         fut.exception()
 
 
-class _Protocol(asyncio.StreamReaderProtocol):
-    """Stops reading as soon as the connection is made, so that no TLS byte reaches the stream
-    reader before the handler starts TLS on the connection."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses: cast, don't check.
-        cast(asyncio.Transport, transport).pause_reading()
-        super().connection_made(transport)
-
-
 class StreamReceiver:
     """Serves replication streams on any number of listeners; see the module doc."""
 
@@ -474,7 +465,7 @@ class StreamReceiver:
         self.sinks = sinks
         self.settings = settings or ReceiverSettings()
         self.ssl_context = ssl_context
-        self._servers: list[asyncio.Server] = []
+        self._listeners: list[tuple[socket.socket, asyncio.Task[None]]] = []
         self._handlers: set[asyncio.Task[Any]] = set()
         self._sessions: dict[tuple[str, str], _Session] = {}
         self._handshakes: dict[tuple[str, str], asyncio.Lock] = {}
@@ -487,15 +478,14 @@ class StreamReceiver:
 
     async def listen(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         """Listen on TCP (port 0 picks one); returns the bound address."""
-        loop = asyncio.get_running_loop()
-
-        def factory() -> asyncio.Protocol:
-            reader = asyncio.StreamReader(limit=2**16)
-            return _Protocol(reader, self._accept)
-
-        server = await loop.create_server(factory, host, port)
-        self._servers.append(server)
-        addr = server.sockets[0].getsockname()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, port), family=family)
+        sock.setblocking(False)
+        task = asyncio.get_running_loop().create_task(
+            self._accept_loop(sock), name=f"stream accept {host}:{port}"
+        )
+        self._listeners.append((sock, task))
+        addr = sock.getsockname()
         log.info(
             "event=stream-listening address=%s:%d tls=%s",
             addr[0],
@@ -504,20 +494,59 @@ class StreamReceiver:
         )
         return str(addr[0]), int(addr[1])
 
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.get_running_loop().create_task(self._connection(reader, writer))
-        self._handlers.add(task)
-        task.add_done_callback(self._handlers.discard)
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        # Accepting by hand, and completing TLS per connection with connect_accepted_socket,
+        # lets a failed TLS handshake be logged and counted here (asyncio's and uvloop's own
+        # TLS servers drop those silently), and works the same on both loops.
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as e:  # e.g. out of file descriptors: back off, don't spin
+                log.warning("event=accept-failed error=%r", e)
+                await asyncio.sleep(0.1)
+                continue
+            task = loop.create_task(self._connection(conn))
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peername = writer.get_extra_info("peername")
-        peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
-        session = _Session(self, reader, writer, FrameDecoder(self.settings.max_body), peer)
+    async def _open(self, conn: socket.socket, peer: str) -> _Session:
+        loop = asyncio.get_running_loop()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader = asyncio.StreamReader(limit=2**16)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        tls = self.ssl_context
+        try:
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol,
+                conn,
+                ssl=tls,
+                ssl_handshake_timeout=self.settings.handshake_timeout if tls else None,
+            )
+        except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError
+            conn.close()
+            self.rejected += 1
+            log.warning("peer=%s event=tls-refused reason=%r", peer, f"TLS handshake failed: {e!r}")
+            raise
+        # (uvloop returns its TLS wrapper as the protocol: the stream's own is the one to use.)
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        return _Session(self, reader, writer, FrameDecoder(self.settings.max_body), peer)
+
+    async def _connection(self, conn: socket.socket) -> None:
+        try:
+            addr = conn.getpeername()
+            peer = f"{addr[0]}:{addr[1]}"
+        except OSError:
+            conn.close()
+            return
+        try:
+            session = await self._open(conn, peer)
+        except (OSError, TimeoutError):
+            return
         registered = False
         try:
             if self._closing:
                 raise _Closed("shutting down", ErrorCode.SHUTDOWN)
-            await self._start_tls(session)
             hello = await session.handshake()
             registered = await self._register(session, hello)
             await session.serve()
@@ -539,17 +568,6 @@ class StreamReceiver:
             log.exception("peer=%s event=internal-error error=%r", peer, e)
         finally:
             await self._finish(session, registered)
-
-    async def _start_tls(self, session: _Session) -> None:
-        if self.ssl_context is None:
-            cast(asyncio.Transport, session.writer.transport).resume_reading()
-            return
-        try:
-            await session.writer.start_tls(
-                self.ssl_context, ssl_handshake_timeout=self.settings.handshake_timeout
-            )
-        except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError
-            raise _Closed(f"TLS handshake failed: {e!r}", warn=True) from None
 
     async def _register(self, session: _Session, hello: Hello) -> bool:
         key = (hello.vpg, hello.source)
@@ -669,8 +687,12 @@ class StreamReceiver:
     async def close(self) -> None:
         """Stop listening, let connections' records in flight become durable, close them."""
         self._closing = True
-        for server in self._servers:
-            server.close()
+        for sock, accepting in self._listeners:
+            accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await accepting
+            sock.close()
+        self._listeners.clear()
         for session in list(self._sessions.values()):
             session.stop(_Closed("shutting down", ErrorCode.SHUTDOWN))
         if self._handlers:
@@ -681,6 +703,3 @@ class StreamReceiver:
         for task in leftovers:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for server in self._servers:
-            await server.wait_closed()
-        self._servers.clear()

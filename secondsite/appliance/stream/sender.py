@@ -31,7 +31,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import zstandard
 
@@ -376,9 +376,7 @@ class StreamSender:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One connection, until it fails (it raises, or is cancelled by ``close()``)."""
         s = self.settings
-        cast(asyncio.WriteTransport, writer.transport).set_write_buffer_limits(
-            high=s.write_buffer_high
-        )
+        writer.transport.set_write_buffer_limits(high=s.write_buffer_high)
         decoder = FrameDecoder(s.max_body)
         self._write(writer, encode(Hello(self.vpg, self.source, self.volumes)))
         frames: list[Frame] = []

@@ -306,4 +306,3 @@ def records_of(sink: MemorySink, source: str) -> list[int]:
 def mark_seqs(sink: MemorySink, source: str) -> dict[int, int]:
     """request id -> seq of its mark, as the sink got them."""
     return {req: seq for seq, req in sink.state.marks.get(source, [])}
-
