@@ -134,6 +134,7 @@ class NBDClient:
         self, client_flags: int = w.FLAG_C_FIXED_NEWSTYLE | w.FLAG_C_NO_ZEROES
     ) -> int:
         magic, opt_magic, flags = w.GREETING.unpack(await self.recv(w.GREETING.size))
+        flags = int(flags)
         if magic != w.NBDMAGIC or opt_magic != w.IHAVEOPT:
             raise ProtocolViolation("bad greeting")
         if flags & ~(w.FLAG_FIXED_NEWSTYLE | w.FLAG_NO_ZEROES):
@@ -314,14 +315,14 @@ class NBDClient:
                 raise ProtocolViolation("structured reply not negotiated")
             flags, kind, handle, length = struct.unpack(">HHQI", await self.recv(16))
             payload = await self.recv(length) if length else b""
-            pending = self._pending.get(handle)
-            if pending is None:
+            chunk_for = self._pending.get(handle)
+            if chunk_for is None:
                 raise ProtocolViolation(f"chunk for unknown handle {handle:#x}")
-            self._chunk(pending, flags, kind, payload)
+            self._chunk(chunk_for, flags, kind, payload)
             if flags & w.REPLY_FLAG_DONE:
                 del self._pending[handle]
-                self._finish_structured(pending)
-                self._done[handle] = pending.reply
+                self._finish_structured(chunk_for)
+                self._done[handle] = chunk_for.reply
         else:
             raise ProtocolViolation(f"bad reply magic {magic:#x}")
 

@@ -12,7 +12,9 @@ from secondsite.appliance.nbd import BlockSizes, MemoryExport, ServerSettings
 from secondsite.appliance.nbd import _wire as w
 
 
-async def connect(nbd: Harness, flags: int = w.FLAG_C_FIXED_NEWSTYLE | w.FLAG_C_NO_ZEROES):
+async def connect(
+    nbd: Harness, flags: int = w.FLAG_C_FIXED_NEWSTYLE | w.FLAG_C_NO_ZEROES
+) -> NBDClient:
     client = await NBDClient.connect_unix(nbd.path)
     await client.handshake(flags)
     return client

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from secondsite.appliance.nbd import _wire as w
 
 names = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=40
+    alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\0"), max_size=40
 )
 
 
