@@ -664,7 +664,8 @@ class StreamReceiver:
                 on_marked(marks)
             return marks
         except TimeoutError:
-            late = [src for src, fut in waits.items() if not fut.done()]
+            # (The timeout cancelled the future it interrupted: that one is late too.)
+            late = [src for src, fut in waits.items() if not fut.done() or fut.cancelled()]
             raise CheckpointError(f"vpg {vpg}: no MARKED from {late} in time") from None
         finally:
             for s in sessions:

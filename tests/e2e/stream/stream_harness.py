@@ -51,6 +51,7 @@ class Source:
         self.acks_open = asyncio.Event()
         self.acks_open.set()
         self.holds: list[int] = []
+        self.hold_delay = 0.0
         self.releases: list[int] = []
         self.sender = StreamSender(
             vpg=vpg,
@@ -93,6 +94,8 @@ class Source:
         return seq
 
     async def on_hold(self, request: int) -> int:
+        if self.hold_delay:  # a slower appliance, or a longer way for the HOLD
+            await asyncio.sleep(self.hold_delay)
         self.acks_open.clear()
         self.holds.append(request)
         before = self.buffer.last_seq
