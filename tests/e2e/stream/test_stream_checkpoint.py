@@ -24,6 +24,7 @@ from secondsite.appliance.stream import (
     MemorySink,
     Record,
     SenderSettings,
+    StreamReceiver,
     frames,
     tcp_connector,
 )
@@ -45,7 +46,7 @@ class OrderingSink(MemorySink):
         return fut
 
 
-async def _two_sources(rig: Rig, sink: MemorySink) -> tuple[Source, Source]:
+async def _two_sources(rig: Rig, sink: MemorySink) -> tuple[StreamReceiver, Source, Source]:
     rx, port = await rig.receiver({"vpg-a": sink})
     conn = tcp_connector("127.0.0.1", port)
     # Volumes of one VPG on two appliances are different volumes.
@@ -55,14 +56,12 @@ async def _two_sources(rig: Rig, sink: MemorySink) -> tuple[Source, Source]:
         if rx.sources("vpg-a") == ["node-a", "node-b"]:
             break
         await asyncio.sleep(0.01)
-    rig.rx = rx  # type: ignore[attr-defined]
-    return a, b
+    return rx, a, b
 
 
 async def test_two_senders_give_their_marks(rig: Rig) -> None:
     sink = OrderingSink()
-    a, b = await _two_sources(rig, sink)
-    rx = rig.rx  # type: ignore[attr-defined]
+    rx, a, b = await _two_sources(rig, sink)
     rng = random.Random(1)
     work = asyncio.gather(a.random_workload(rng, 1500), b.random_workload(rng, 1500))
     results: list[dict[str, int]] = []
@@ -92,8 +91,7 @@ async def test_two_senders_give_their_marks(rig: Rig) -> None:
 
 async def test_write_order_fidelity_across_two_sources(rig: Rig) -> None:
     sink = OrderingSink()
-    a, b = await _two_sources(rig, sink)
-    rx = rig.rx  # type: ignore[attr-defined]
+    rx, a, b = await _two_sources(rig, sink)
     chain: list[tuple[str, int]] = []
     stop = asyncio.Event()
 
@@ -145,8 +143,7 @@ async def test_write_order_fidelity_across_two_sources(rig: Rig) -> None:
 
 async def test_a_sender_that_does_not_answer_times_out_and_all_are_released(rig: Rig) -> None:
     sink = MemorySink()
-    a, b = await _two_sources(rig, sink)
-    rx = rig.rx  # type: ignore[attr-defined]
+    rx, a, b = await _two_sources(rig, sink)
     slow_hold = b.on_hold
 
     async def slow(request: int) -> int:
