@@ -7,6 +7,7 @@ import asyncio
 import logging
 import random
 import ssl
+from typing import Any
 
 import pytest
 from conftest import Rig
@@ -147,3 +148,27 @@ async def test_silent_peer_is_dropped_after_the_handshake_timeout(rig: Rig) -> N
         writer.close()
         await writer.wait_closed()
     assert rx.rejected == 1
+
+
+def _cn_must_match(hello: f.Hello, cert: dict[str, Any] | None) -> str | None:
+    names = [v for rdn in (cert or {}).get("subject", ()) for k, v in rdn if k == "commonName"]
+    return None if hello.source in names else f"certificate names {names}, not {hello.source}"
+
+
+async def test_a_source_must_be_the_appliance_its_certificate_names(rig: Rig, pki: Pki) -> None:
+    sink = MemorySink()
+    r, s = pki.receiver, pki.sender
+    _, port = await rig.receiver(
+        {"vpg-a": sink},
+        ssl_context=server_context(r.cert, r.key, r.ca),
+        authorize=_cn_must_match,
+    )
+    ctx = client_context(s.cert, s.key, s.ca)
+    honest = rig.source("protected-appliance", tcp_connector("127.0.0.1", port, ssl_context=ctx))
+    liar = rig.source("node-9", tcp_connector("127.0.0.1", port, ssl_context=ctx), settings=FAST)
+    honest.write(0, 0, b"x" * 512)
+    liar.write(0, 0, b"y" * 512)
+    await honest.flushed()
+    await asyncio.sleep(0.2)
+    assert "REFUSED" in liar.sender.metrics().last_error and liar.sender.metrics().sessions == 0
+    assert set(sink.state.applied) == {"protected-appliance"}
