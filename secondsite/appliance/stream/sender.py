@@ -246,7 +246,8 @@ class StreamSender:
         )
         self._skip_compression = 0
         self.connected = False
-        self.durable_seq = buffer.acked_seq
+        self.durable_seq = 0
+        """Newest seq a receiver acknowledged (or welcomed at) since this sender started."""
         self.sent_seq = buffer.acked_seq
         self._sent_high = buffer.acked_seq
         """Newest seq ever written to a socket by this sender (across connections)."""

@@ -303,3 +303,36 @@ async def test_compression_saves_wire_bytes_only_when_it_pays(rig: Rig, level: i
     assert n.batches_uncompressed > n.batches_compressed  # adaptive: stops trying
     assert sink.state.images["t"] == text.images["t"]
     assert sink.state.images["n"] == noise.images["n"]
+
+
+async def test_default_numbering_and_a_receiver_that_lost_its_state(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Clock-based first seq against a fresh receiver: no alarm. A receiver that comes back
+    without what it acknowledged (its journal was reset): on_gap tells the source to resync."""
+    gaps: list[tuple[int, int]] = []
+    rx, port = await rig.receiver({"vpg-a": MemorySink()})
+    buf = ProtectedBuffer(MiB)
+    tx = StreamSender(
+        vpg="vpg-a",
+        source="node-1",
+        volumes={"disk0": MiB},
+        buffer=buf,
+        connect=tcp_connector("127.0.0.1", port),
+        settings=FAST,
+        on_gap=lambda position, durable: gaps.append((position, durable)),
+    )
+    tx.start()
+    try:
+        buf.append_write(0, 0, b"a" * 512)
+        await asyncio.wait_for(tx.wait_durable(buf.last_seq), 10)
+        assert buf.last_seq > 10**18 and gaps == []
+        acknowledged = tx.durable_seq
+        await rx.close()
+        await rig.receiver({"vpg-a": MemorySink()}, port=port)  # empty: position 0
+        buf.append_write(0, 512, b"b" * 512)
+        await asyncio.wait_for(tx.wait_durable(buf.last_seq), 10)
+    finally:
+        await tx.close()
+    assert gaps == [(0, acknowledged)]
+    assert "event=receiver-behind" in caplog.text
