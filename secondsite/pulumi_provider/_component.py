@@ -14,7 +14,7 @@ from typing import Any
 
 import pulumi
 
-from secondsite.api import CheckpointSpec, VirtualProtectionGroupSpec
+from secondsite.api import VirtualProtectionGroupSpec
 from secondsite.pulumi_provider._readiness import ReadyWait, vpg_reader, wait_until_ready
 from secondsite.pulumi_provider._resources import Checkpoint, VirtualProtectionGroup
 from secondsite.pulumi_provider._validation import InvalidSpecError
@@ -65,14 +65,21 @@ class ProtectedApplication(pulumi.ComponentResource):
         child = pulumi.ResourceOptions(parent=self)
         self.vpg = VirtualProtectionGroup(name, spec=spec, metadata=metadata, opts=child)
 
-        if len(set(checkpoint_tags)) != len(checkpoint_tags):
-            raise InvalidSpecError("Checkpoint", name, ["checkpoint_tags: a tag is given twice"])
         self.checkpoints = {}
+        tags_of: dict[str, str] = {}
         for tag in checkpoint_tags:
             object_name = checkpoint_object_name(self.vpg.object_name, tag)
+            if object_name in tags_of:
+                raise InvalidSpecError(
+                    "Checkpoint",
+                    object_name,
+                    [f"checkpoint_tags: {tags_of[object_name]!r} and {tag!r} make the same name"],
+                )
+            tags_of[object_name] = tag
             self.checkpoints[tag] = Checkpoint(
                 f"{name}-{object_name.removeprefix(self.vpg.object_name + '-')}",
-                spec=CheckpointSpec(vpg=self.vpg.object_name, tag=tag),
+                # A mapping, so that a bad tag is an InvalidSpecError naming spec.tag.
+                spec={"vpg": self.vpg.object_name, "tag": tag},
                 metadata={**metadata, "name": object_name},
                 # The spec names the VPG as a string, which Pulumi cannot see as a dependency.
                 opts=pulumi.ResourceOptions(parent=self, depends_on=[self.vpg]),

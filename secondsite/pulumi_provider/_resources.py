@@ -8,6 +8,11 @@ spec model from `secondsite.api`, checked before anything is sent (see `_validat
 An object's name is the Pulumi resource name unless `metadata` gives one: SecondSite objects refer
 to each other by name (a Checkpoint's `spec.vpg`), so a program must know the names it creates,
 which Pulumi's auto-naming (a random suffix) would hide.
+
+The kubernetes provider cannot know which fields a CRD's rules make immutable, and would try an
+update that the API server refuses (`tag is immutable`). So each resource asks Pulumi to replace
+the object when one of those fields changes, deleting the old object first since the new one has
+the same name. The fields are read from the model's `immutable` rules, like the CRD's CEL.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from secondsite.api import (
     SiteSpec,
     VirtualProtectionGroupSpec,
 )
-from secondsite.api.common import ObjectName
+from secondsite.api.common import ObjectName, immutable
 from secondsite.pulumi_provider._validation import InvalidSpecError, manifest_spec, validated_spec
 
 SpecT = TypeVar("SpecT", bound=ApiModel)
@@ -69,6 +74,16 @@ def object_metadata(kind: Kind, resource_name: str, metadata: Metadata | None) -
     return meta
 
 
+def immutable_properties(model: type[ApiModel]) -> list[str]:
+    """The spec's fields that the model's rules make immutable, as Pulumi property paths."""
+    rules = set(model.cel_rules)
+    return [
+        f"spec.{field.alias or name}"
+        for name, field in model.model_fields.items()
+        if immutable(name) in rules or immutable(name, required=False) in rules
+    ]
+
+
 class SecondSiteResource(CustomResource, Generic[SpecT]):
     """A SecondSite object managed by Pulumi; subclasses fix the kind and its spec model."""
 
@@ -95,6 +110,13 @@ class SecondSiteResource(CustomResource, Generic[SpecT]):
         self.validated = validated_spec(model, spec, kind=kind.kind, name=meta["name"])
         self.object_name = meta["name"]
         self.object_namespace = meta.get("namespace")
+        replace = immutable_properties(model)
+        if replace:
+            # The program's own options come last, so it can still say otherwise.
+            opts = pulumi.ResourceOptions.merge(
+                pulumi.ResourceOptions(replace_on_changes=replace, delete_before_replace=True),
+                opts,
+            )
         super().__init__(
             resource_name,
             api_version=API_VERSION,

@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 from pulumi import automation as auto
-
-from .conftest import PulumiEnv
+from pulumi_engine_env import PulumiEnv
 
 pytestmark = [pytest.mark.k8s, pytest.mark.pulumi_engine, pytest.mark.slow]
 
@@ -47,15 +46,22 @@ def test_example_preview_up_change_destroy(pulumi_env: PulumiEnv, kubectl: Any) 
 
     # preview: everything to create, nothing created.
     preview = stack.preview()
-    assert preview.change_summary.get("create") == 8, preview.change_summary
-    # stack, namespace, 2 sites, component, VPG, checkpoint, and the kubernetes provider
+    # the stack, the namespace, two Sites, the component, its VPG and its Checkpoint
+    assert preview.change_summary == {"create": 7}, preview.stdout
+    for created in (
+        "kubernetes:secondsite.io/v1alpha1:Site e2e-east create",
+        "kubernetes:secondsite.io/v1alpha1:VirtualProtectionGroup shop create",
+        "kubernetes:secondsite.io/v1alpha1:Checkpoint shop-before-upgrade create",
+        "secondsite:index:ProtectedApplication shop create",
+    ):
+        assert created in preview.stdout, preview.stdout
     assert get(kubectl, "site", "e2e-east") is None
     assert get(kubectl, "namespace", ns) is None
 
     # up: the objects exist as the program says, with the CRD's defaults filled in by the server.
     up = stack.up()
     assert up.summary.result == "succeeded"
-    assert up.summary.resource_changes == {"create": 8}
+    assert up.summary.resource_changes == {"create": 7}
     for site in ("e2e-east", "e2e-west"):
         obj = get(kubectl, "site", site)
         assert obj is not None
@@ -88,34 +94,53 @@ def test_example_preview_up_change_destroy(pulumi_env: PulumiEnv, kubectl: Any) 
 
     # A changed up: a new RPO alert and one more tagged checkpoint; the VPG is updated in place.
     stack.set_config("rpoAlertSeconds", auto.ConfigValue("120"))
-    stack.set_config(
-        "checkpointTags",
-        auto.ConfigValue(json.dumps(["before-upgrade", "after-upgrade"])),
-        path=False,
-    )
+    # "Before-Upgrade" makes the same object as "before-upgrade": a changed tag, which the CRD
+    # makes immutable, so the Checkpoint is replaced (deleted, then created), not updated.
+    stack.set_config("checkpointTags", auto.ConfigValue("Before-Upgrade,after-upgrade"))
+    checkpoint_uid = checkpoint["metadata"]["uid"]
     changed = stack.up()
-    assert changed.summary.resource_changes == {"same": 7, "update": 1, "create": 1}
+    assert changed.summary.resource_changes == {
+        "same": 5,
+        "update": 1,
+        "create": 1,
+        "replace": 1,
+    }, changed.stdout
     vpg = get(kubectl, "vpg", "shop", "-n", ns)
     assert vpg is not None
     assert vpg["metadata"]["uid"] == uid
     assert vpg["spec"]["rpoAlertSeconds"] == 120
     assert vpg["metadata"]["generation"] == 2
     assert names(kubectl, "checkpoints", ns) == {"shop-before-upgrade", "shop-after-upgrade"}
+    checkpoint = get(kubectl, "checkpoint", "shop-before-upgrade", "-n", ns)
+    assert checkpoint is not None
+    assert checkpoint["spec"] == {"vpg": "shop", "tag": "Before-Upgrade"}
+    assert checkpoint["metadata"]["uid"] != checkpoint_uid
 
-    # A spec the API server would refuse fails the update before anything is sent.
+    # Specs the API server would refuse fail the update before anything is sent: a model built
+    # by the program fails at construction (pydantic's own error, Python names) ...
     stack.set_config("rpoAlertSeconds", auto.ConfigValue("3"))
     with pytest.raises(auto.CommandError) as failed:
         stack.up()
-    assert "spec.rpoAlertSeconds: Input should be greater than or equal to 10" in str(failed.value)
+    message = str(failed.value)
+    assert "1 validation error for VirtualProtectionGroupSpec" in message
+    assert "rpo_alert_seconds\n      Input should be greater than or equal to 10" in message
+    stack.set_config("rpoAlertSeconds", auto.ConfigValue("120"))
+    # ... and a spec given as values fails in the resource, naming the API's field.
+    stack.set_config("checkpointTags", auto.ConfigValue("x" * 129))
+    with pytest.raises(auto.CommandError) as failed:
+        stack.up()
+    message = str(failed.value)
+    assert f"invalid Checkpoint 'shop-{'x' * 129}': spec.tag: String should have at most" in message
+    assert "Traceback" not in message  # a pulumi.RunError: the message alone
     vpg = get(kubectl, "vpg", "shop", "-n", ns)
     assert vpg is not None
     assert vpg["spec"]["rpoAlertSeconds"] == 120
     assert vpg["metadata"]["generation"] == 2
-    stack.set_config("rpoAlertSeconds", auto.ConfigValue("120"))
+    assert names(kubectl, "checkpoints", ns) == {"shop-before-upgrade", "shop-after-upgrade"}
 
     # destroy: everything the program made is gone.
     destroyed = stack.destroy()
-    assert destroyed.summary.resource_changes == {"delete": 9}
+    assert destroyed.summary.resource_changes == {"delete": 8}
     assert get(kubectl, "vpg", "shop", "-n", ns) is None
     assert get(kubectl, "checkpoint", "shop-before-upgrade", "-n", ns) is None
     assert get(kubectl, "site", "e2e-east") is None

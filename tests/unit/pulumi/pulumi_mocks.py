@@ -23,6 +23,8 @@ class Registration:
     inputs: dict[str, Any]
     parent: str
     dependencies: list[str]
+    replace_on_changes: list[str]
+    delete_before_replace: bool
     outputs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -55,6 +57,8 @@ class RecordingMonitor(mocks.MockMonitor):
                     inputs=self.resources[response.urn].state if request.custom else {},
                     parent=request.parent,
                     dependencies=list(request.dependencies),
+                    replace_on_changes=list(request.replaceOnChanges),
+                    delete_before_replace=request.deleteBeforeReplace,
                 )
             )
         return response

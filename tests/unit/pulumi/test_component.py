@@ -86,9 +86,10 @@ def test_invalid_spec_registers_no_vpg(pulumi_run: Runner) -> None:
     assert [r for r in regs if r.type.startswith("kubernetes:")] == []
 
 
-def test_a_tag_given_twice_is_refused() -> None:
-    with pytest.raises(ss.InvalidSpecError, match="given twice"):
-        ss.ProtectedApplication("shop", app_spec(), checkpoint_tags=["a", "a"])
+@pytest.mark.parametrize("tags", [["a", "a"], ["Before Upgrade", "before-upgrade"]])
+def test_tags_that_make_the_same_checkpoint_are_refused(tags: list[str]) -> None:
+    with pytest.raises(ss.InvalidSpecError, match=r"make the same name"):
+        ss.ProtectedApplication("shop", app_spec(), checkpoint_tags=tags)
 
 
 @pytest.mark.parametrize(

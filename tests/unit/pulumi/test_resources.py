@@ -255,3 +255,55 @@ def test_a_spec_model_of_another_kind_is_refused() -> None:
 def test_object_names_must_be_dns_subdomains(name: str) -> None:
     with pytest.raises(ss.InvalidSpecError, match=r"metadata\.name"):
         ss.VirtualProtectionGroup("shop", spec=minimal_vpg_spec(), metadata={"name": name})
+
+
+@pytest.mark.parametrize(
+    ("cls", "spec", "immutable"),
+    [
+        (ss.Checkpoint, {"vpg": "shop", "tag": "t"}, ["spec.vpg", "spec.tag"]),
+        (
+            ss.VirtualProtectionGroup,
+            {"protectedSite": "a", "recoverySite": "b", "volumes": {"names": ["db"]}},
+            ["spec.protectedSite", "spec.recoverySite"],
+        ),
+        (
+            ss.RecoveryRequest,
+            {"vpg": "shop", "operation": "Failover"},
+            # Not `action`: it may be given later, once; only changing it is refused.
+            [
+                "spec.vpg",
+                "spec.operation",
+                "spec.checkpoint",
+                "spec.sourceShutdown",
+                "spec.reverseProtection",
+            ],
+        ),
+        (ss.Journal, {"vpg": "shop"}, ["spec.vpg"]),
+        (ss.ReplicationAppliance, {"site": "a", "nodeName": "n"}, ["spec.site", "spec.nodeName"]),
+        (ss.Site, {"nodeSelector": {"a": "b"}}, []),
+    ],
+)
+def test_a_change_of_an_immutable_field_replaces_the_object(
+    pulumi_run: Runner,
+    cls: type[ss.SecondSiteResource[typing.Any]],
+    spec: dict[str, object],
+    immutable: list[str],
+) -> None:
+    regs = pulumi_run(lambda: cls("x", spec=spec))
+    (reg,) = regs
+    assert sorted(reg.replace_on_changes) == sorted(immutable)
+    # Same name, so the old object must go first.
+    assert reg.delete_before_replace is bool(immutable)
+
+
+def test_the_programs_options_still_apply(pulumi_run: Runner) -> None:
+    regs = pulumi_run(
+        lambda: ss.Checkpoint(
+            "x",
+            spec={"vpg": "shop", "tag": "t"},
+            opts=pulumi.ResourceOptions(delete_before_replace=False, replace_on_changes=["*"]),
+        )
+    )
+    (reg,) = regs
+    assert reg.delete_before_replace is False
+    assert "*" in reg.replace_on_changes
