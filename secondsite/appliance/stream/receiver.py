@@ -63,7 +63,7 @@ from .frames import (
     Welcome,
     encode,
 )
-from .sink import SinkError, SinkRefused, StreamSink
+from .sink import SinkRefused, StreamSink
 
 __all__ = [
     "Authorizer",
@@ -252,10 +252,12 @@ class _Session:
         assert self.hello is not None
         try:
             sink.attach(self.hello.source, self.hello.volumes)
+            position = sink.position(self.hello.source)
         except SinkRefused as e:
-            raise _Closed(f"refused: {e}", ErrorCode.REFUSED) from None
+            raise _Closed(f"refused: {e}", ErrorCode.REFUSED, warn=True) from None
+        except Exception as e:  # the sink's own failure, not this peer's
+            raise _Closed(f"sink failed: {e!r}", ErrorCode.SINK_FAILED, warn=True) from e
         self.sink = sink
-        position = sink.position(self.hello.source)
         self.stats.position = self.stats.last_seq = self.stats.durable_seq = position
         self._acked = position
         self.send(Welcome(position))
@@ -329,7 +331,7 @@ class _Session:
             stats.last_seq = r.seq
             try:
                 durable = sink.submit(hello.source, r)
-            except SinkError as e:
+            except Exception as e:  # SinkError, or whatever the sink's storage raised
                 raise _Closed(
                     f"sink refused record {r.seq}: {e}", ErrorCode.SINK_FAILED, warn=True
                 ) from None
@@ -391,6 +393,8 @@ class _Session:
         if not acker.done():
             self.log(logging.WARNING, "drain-timeout", pending=len(self._pending))
             return False
+        if not acker.cancelled() and acker.exception() is not None:
+            self.log(logging.WARNING, "drain-failed", error=repr(str(acker.exception())))
         return True
 
     # -- checkpoints ------------------------------------------------------------------------
