@@ -257,3 +257,27 @@ async def test_a_hold_never_released_is_released_locally(
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_mark_spilled_before_it_was_sent_fails_the_cut(rig: Rig) -> None:
+    """The buffer overflows right after the mark was appended (bitmap sync starts): the mark
+    never reaches the recovery side, so the cut must fail rather than be claimed."""
+    sink = MemorySink()
+    rx, port = await rig.receiver({"vpg-a": sink})
+    src = rig.source("node-a", tcp_connector("127.0.0.1", port), settings=FAST, capacity=256 * KiB)
+    src.write(0, 0, b"x")
+    await src.flushed()
+    marking = src.on_hold
+
+    async def mark_then_overflow(request: int) -> int:
+        seq = await marking(request)
+        while src.write_or_spill(0, 0, bytes(64 * KiB)):  # no await: the sender cannot run
+            pass
+        return seq
+
+    src.sender.on_hold = mark_then_overflow
+    with pytest.raises(CheckpointError, match="mark dropped by a spill"):
+        await rx.request_checkpoint("vpg-a", timeout=2.0)
+    assert sink.state.marks == {}
+    await asyncio.sleep(0.05)
+    assert src.releases == [1]
