@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -88,9 +89,17 @@ def vpg_reader(
     """Read one VPG with the kubernetes client, in a thread; None while it does not exist."""
     import kubernetes
 
-    client = kubernetes.config.new_client_from_config(
-        config_file=wait.kubeconfig, context=wait.context
-    )
+    # $KUBECONFIG as it is now: the client library reads it once, when first imported.
+    config_file = wait.kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or None
+    try:
+        client = kubernetes.config.new_client_from_config(
+            config_file=config_file, context=wait.context
+        )
+    except kubernetes.config.ConfigException as e:
+        raise NotReadyError(
+            f"cannot wait for VirtualProtectionGroup {namespace}/{name}: no usable kubeconfig"
+            f" ({e}); set ReadyWait.kubeconfig or $KUBECONFIG"
+        ) from None
     api = kubernetes.client.CustomObjectsApi(client)
 
     def get() -> Mapping[str, Any] | None:

@@ -174,7 +174,12 @@ def mark_ready(kubectl: Any, namespace: str, name: str, stop: threading.Event) -
 
 
 @pytest.mark.timeout(900)
-def test_up_waits_for_ready(pulumi_env: PulumiEnv, kubectl: Any) -> None:
+def test_up_waits_for_ready(
+    pulumi_env: PulumiEnv, kubectl: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The program runs in this process (see pulumi_engine_env): give it the environment that
+    # `pulumi up` gives a program, where the wait finds the cluster.
+    monkeypatch.setenv("KUBECONFIG", pulumi_env.env["KUBECONFIG"])
     ns = "e2e-ready"
     stack = pulumi_env.stack(
         "ready",

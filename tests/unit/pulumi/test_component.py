@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -222,3 +223,11 @@ def test_component_fails_the_update_when_not_ready(
                 wait_for_ready=ss.ReadyWait(timeout_seconds=0.2, poll_seconds=0.05),
             )
         )
+
+
+def test_waiting_without_a_kubeconfig_says_what_to_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    with pytest.raises(ss.NotReadyError, match=r"shop/shop: no usable kubeconfig .*\$KUBECONFIG"):
+        _readiness.vpg_reader("shop", "shop", ss.ReadyWait())
