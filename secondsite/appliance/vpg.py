@@ -90,6 +90,7 @@ class VpgRuntime:
         self._state_written = 0
         self._state_write_lock = threading.Lock()
         self._checkpoint_lock = asyncio.Lock()
+        self._qmp_watched: dict[Path, list[tuple[VolumeRuntime, str]]] = {}
         self.checkpoints_taken = 0
         self.inconsistent_checkpoints = 0
 
@@ -156,7 +157,7 @@ class VpgRuntime:
                 "" if synced else "waiting for the mirror job to be ready",
             )
             if vs.qmp_socket is not None and vs.mirror_job is not None:
-                self._spawn(self._watch_mirror(vol, vs.qmp_socket, vs.mirror_job), "qmp")
+                self._watch_mirror(vol, vs.qmp_socket, vs.mirror_job)
         return vol
 
     def _spawn(self, coro: Any, what: str) -> None:
@@ -181,6 +182,7 @@ class VpgRuntime:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+        self._qmp_watched.clear()
         for vol in self.volumes.values():
             if isinstance(vol.export, InPathExport):
                 await vol.export.backing.flush()
@@ -278,26 +280,37 @@ class VpgRuntime:
         vol.reason = "" if ready else why
         self._spawn(self._mark_synced(vol, bool(ready)), "state")
 
-    async def _watch_mirror(self, vol: VolumeRuntime, socket: Path, job: str) -> None:
+    def _watch_mirror(self, vol: VolumeRuntime, socket: Path, job: str) -> None:
+        """Follow mirror job `job` of the QEMU at `socket`. All volumes of one QEMU share one
+        connection: a QMP socket serves one client at a time, a second one is never answered."""
+        targets = self._qmp_watched.get(socket)
+        if targets is None:
+            targets = self._qmp_watched[socket] = []
+            self._spawn(self._watch_qmp(socket, targets), f"qmp {socket}")
+        targets.append((vol, job))
+
+    async def _watch_qmp(self, socket: Path, targets: list[tuple[VolumeRuntime, str]]) -> None:
         client: QmpClient | None = None
         try:
             while True:
                 try:
                     if client is None:
                         client = await QmpClient.connect(socket)
-                    ready = await mirror_job_ready(client, job)
-                    why = f"mirror job {job} " + ("not ready" if ready is False else "not found")
-                    self._set_mirror_state(vol, ready, why)
+                    for vol, job in list(targets):
+                        ready = await mirror_job_ready(client, job)
+                        why = f"mirror job {job} " + (
+                            "not ready" if ready is False else "not found"
+                        )
+                        self._set_mirror_state(vol, ready, why)
                 except QmpError as e:
                     if client is not None:
                         await client.close()
                         client = None
-                    log.debug(
-                        "vpg=%s volume=%s event=qmp-error error=%s", self.name, vol.spec.name, e
-                    )
+                    log.debug("vpg=%s event=qmp-error socket=%s error=%s", self.name, socket, e)
                     # Without QEMU's word the mirror cannot be vouched for: QEMU may have
                     # stopped, or restarted and be writing before a new mirror job is ready.
-                    self._set_mirror_state(vol, None, f"QMP unreachable: {e}")
+                    for vol, _ in list(targets):
+                        self._set_mirror_state(vol, None, f"QMP unreachable: {e}")
                 await asyncio.sleep(_QMP_POLL)
         finally:
             if client is not None:
