@@ -65,7 +65,7 @@ def appliance_config(workdir: Path, mirror: StorageDaemon | None) -> ApplianceCo
                     "vpg": VPG,
                     "capture": "mirrorTarget",
                     "size": str(VOLUME_SIZE),
-                    "qmpSocket": str(mirror.qmp_sockets[name]),
+                    "qmpSocket": str(mirror.qmp_sockets["appliance"]),
                     "mirrorJob": f"mirror-{name}",
                 }
             )
@@ -193,8 +193,9 @@ async def test_mirror_target_checkpoints_are_prefixes(
     for path in sources.values():
         peer("qemu-img", "create", "-f", "raw", path, str(VOLUME_SIZE))
     socket = workdir / "app.sock"
-    # One QMP monitor per watcher: a QMP socket serves one client at a time.
-    daemon = StorageDaemon(workdir, sources, socket, monitors=("test", *VOLUMES))
+    # The appliance follows both jobs on one QMP monitor (QMP serves one client per socket:
+    # both volumes must share the connection); the test drives the daemon on another.
+    daemon = StorageDaemon(workdir, sources, socket, monitors=("test", "appliance"))
     appliance = ApplianceThread(appliance_config(workdir, daemon))
     cleanup.append(appliance.stop)
     appliance.start()
