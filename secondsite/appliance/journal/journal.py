@@ -4,7 +4,7 @@ Directory layout::
 
     volumes.json     volume name -> id, size, replica path (replaced atomically)
     state.json       promoted watermark and its checkpoint, next seq/checkpoint id floors,
-                     promotion in progress, failover phase (replaced atomically)
+                     source positions, promotion in progress, failover phase (replaced atomically)
     segments/        append-only segment files and their index sidecars (segment.py)
     replicas/        <volume>.img: sparse replica files, unless a path was given
     failover.undo    only between promote_to() and commit()/rollback()
@@ -19,6 +19,11 @@ Guarantees:
   image holds exactly those records. ``checkpoint()`` returns once the record is durable.
 * After a crash, every acked record and every checkpoint whose call returned is there; a torn tail
   is cut at open and logged with the number of bytes cut.
+* Source positions (``submit_position``, for the replication stream's resume) are POSITION records
+  in the sequence like any other, so a position is durable together with or after every record
+  submitted before it. :attr:`Journal.positions` is the highest durable one per source: folded
+  from the records at open, and kept in state.json whenever segments are about to be deleted
+  (promotion, failover commit), so it outlives the records that carried it.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+import types
+from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,10 +72,12 @@ from .record import (
     NO_VOLUME,
     SEGMENT_HEADER,
     CheckpointPayload,
+    PositionPayload,
     RecordType,
     decode_segment_header,
     encode_checkpoint,
     encode_header,
+    encode_position,
 )
 from .replica import ReplicaFile
 from .retention import (
@@ -85,6 +93,7 @@ from .segment import (
     fsync_dir,
     list_segments,
     load_sidecar,
+    note_position,
     scan_segment,
     seg_path,
     write_sidecar,
@@ -159,6 +168,7 @@ class _Queued:
     future: asyncio.Future[None]
     holdable: bool
     checkpoint: Checkpoint | None = None
+    position: PositionPayload | None = None
 
 
 class Journal:
@@ -204,6 +214,12 @@ class Journal:
         self._active_rows: dict[str, list[int]] = {}
         self._active_cps: dict[str, list[int]] = {}
         self._active_tags: dict[int, str] = {}
+        self._active_positions: dict[str, int] = {}
+        self._active_position_seq = 0
+        self._positions: dict[str, int] = {}
+        """Highest durable source seq per replication source."""
+        self._submitted_positions: dict[str, int] = {}
+        """Highest submitted source seq per source (>= the durable one)."""
         self.batches = 0
         """Number of group commits (write + fdatasync rounds) so far."""
 
@@ -239,6 +255,7 @@ class Journal:
                 "floor": None,
                 "next_seq": 1,
                 "next_cid": 1,
+                "positions": {},
                 "promoting": None,
                 "failover": None,
             }
@@ -249,6 +266,9 @@ class Journal:
         self._next_cid = int(state["next_cid"])
         if state["floor"] is not None:
             self.checkpoints.floor = Checkpoint.from_json(state["floor"])
+        # Positions whose records were deleted with their segments (older states have none).
+        for source, source_seq in (state.get("positions") or {}).items():
+            note_position(self._positions, source, int(source_seq))
         vols = read_json(self.directory / "volumes.json") or {"volumes": []}
         for v in vols["volumes"]:
             info = VolumeInfo(
@@ -258,10 +278,11 @@ class Journal:
         scans = self._scan_segments()
         self._load_scans(scans)
         self._durable_seq = self._next_seq - 1
+        self._submitted_positions = dict(self._positions)
         if state["promoting"] is not None:
             cp = Checkpoint.from_json(state["promoting"])
             log.warning(self._log("journal: finishing interrupted promotion", seq=cp.seq))
-            self._retention_promote_sync(cp, self._snapshots())
+            self._retention_promote_sync(cp, self._snapshots(), dict(self._positions))
             self._delete_segments(self._after_promotion(cp))
         fo = state["failover"]
         if fo is not None:
@@ -340,8 +361,10 @@ class Journal:
             self._segments.add(scan.segno, seg_path(self._segdir, scan.segno))
             self._seg_info[scan.segno] = [scan.first_seq, scan.last_seq, scan.file_size]
             self._next_seq = max(self._next_seq, scan.last_seq + 1)
+            for source, source_seq in scan.positions.items():
+                note_position(self._positions, source, source_seq)
         for k, scan in enumerate(scans):
-            if k < len(scans) - 1 and not (self._segdir / f"{scan.segno:016d}.idx").exists():
+            if k < len(scans) - 1 and not scan.from_sidecar:
                 write_sidecar(self._segdir, scan)
         if scans:
             self._add_rows(
@@ -373,6 +396,8 @@ class Journal:
             self._active_rows = {k: v.tolist() for k, v in last.records.items()}
             self._active_cps = {k: v.tolist() for k, v in last.checkpoints.items()}
             self._active_tags = dict(last.tags)
+            self._active_positions = dict(last.positions)
+            self._active_position_seq = last.position_seq
             self._writer = SegmentWriter(self._segdir, last.segno, create=False, first_seq=0)
         else:
             self._new_first_segment(1)
@@ -389,6 +414,8 @@ class Journal:
         self._active_rows = {k: [] for k in ("seq", "vol", "offset", "length", "pos", "kind")}
         self._active_cps = {k: [] for k in ("cid", "seq", "time_ns", "consistent")}
         self._active_tags = {}
+        self._active_positions = {}
+        self._active_position_seq = 0
 
     def _add_rows(self, rows: dict[str, npt.NDArray[Any]], segs: npt.NDArray[Any]) -> None:
         keep = rows["seq"] > self._promoted_seq
@@ -505,6 +532,12 @@ class Journal:
         return self._promoted_seq
 
     @property
+    def positions(self) -> Mapping[str, int]:
+        """Replication source -> highest source seq whose POSITION record is durable (read-only,
+        live). Survives reopen, crashes, promotion, failover rollback and commit."""
+        return types.MappingProxyType(self._positions)
+
+    @property
     def fsyncs(self) -> int:
         return self._writer.fsyncs if self._writer is not None else 0
 
@@ -526,6 +559,7 @@ class Journal:
         length: int,
         payload: bytes | memoryview,
         checkpoint: Checkpoint | None = None,
+        position: PositionPayload | None = None,
     ) -> _Queued:
         seq = self._next_seq
         self._next_seq += 1
@@ -549,7 +583,9 @@ class Journal:
             int(rtype),
         )
         self._active_pos += size
-        q = _Queued(rec, asyncio.get_running_loop().create_future(), checkpoint is None, checkpoint)
+        # Only checkpoint acks skip a hold (see hold_acks); a position's ack is held like a write's.
+        future = asyncio.get_running_loop().create_future()
+        q = _Queued(rec, future, checkpoint is None, checkpoint, position)
         self._queue.append(q)
         if self._flusher is None:
             self._idle.clear()
@@ -583,6 +619,25 @@ class Journal:
         """Trimmed bytes read back as zeros from every later image."""
         v = self._extent(volume, offset, length)
         q = self._submit(RecordType.TRIM, v.info.id, offset, length, b"")
+        return PendingAppend(q.rec.seq, q.future)
+
+    def submit_position(self, source: str, source_seq: int) -> PendingAppend:
+        """Record that ``source`` has been journaled up to ``source_seq``.
+
+        The sequence number is fixed now, so the position becomes durable together with or
+        after every record submitted before this call (submit a batch of the source's records,
+        then its position: one group commit). Once durable, :attr:`positions` says so. It is
+        no write to any volume. ValueError for a source name that is not 1..255 utf-8 bytes, a
+        seq outside u64, or a seq lower than one already submitted for the source.
+        """
+        self._check_open()
+        position = PositionPayload(source, source_seq)
+        payload = encode_position(position)
+        known = self._submitted_positions.get(source, 0)
+        if source_seq < known:
+            raise ValueError(f"source {source}: position {source_seq} is below {known}")
+        self._submitted_positions[source] = source_seq
+        q = self._submit(RecordType.POSITION, NO_VOLUME, 0, 0, payload, position=position)
         return PendingAppend(q.rec.seq, q.future)
 
     async def append_write(self, volume: str, offset: int, data: bytes | memoryview) -> int:
@@ -657,6 +712,12 @@ class Journal:
                 if cp.tag is not None:
                     self._active_tags[cp.id] = cp.tag
                 continue
+            if q.position is not None:
+                pp = q.position
+                note_position(self._positions, pp.source, pp.source_seq)
+                note_position(self._active_positions, pp.source, pp.source_seq)
+                self._active_position_seq = r.seq
+                continue
             pos = r.file_pos + HEADER.size
             for k, val in zip(
                 ("seq", "vol", "offset", "length", "pos", "kind"),
@@ -702,6 +763,8 @@ class Journal:
                 for k, v in self._active_cps.items()
             },
             tags=dict(self._active_tags),
+            positions=dict(self._active_positions),
+            position_seq=self._active_position_seq,
         )
         self._seg_info[new_segno] = [first_seq, first_seq - 1, SEGMENT_HEADER.size]
         self._segments.add(new_segno, seg_path(self._segdir, new_segno))
@@ -1024,13 +1087,18 @@ class Journal:
                 replica.pwrite(mv[at : at + len_l[k]], dst_l[k])
             i = j
 
-    def _retention_promote_sync(self, cp: Checkpoint, snaps: dict[int, RecordSnapshot]) -> int:
+    def _retention_promote_sync(
+        self, cp: Checkpoint, snaps: dict[int, RecordSnapshot], positions: dict[str, int]
+    ) -> int:
+        """``positions``: durable when ``cp`` was chosen, so they cover every POSITION record of
+        the segments that go (all before ``cp``); saved with the watermark that lets them go."""
         self._write_state(promoting=cp.to_json())
         total = self._promote_sync(cp, snaps)
         self._write_state(
             promoting=None,
             promoted_seq=cp.seq,
             floor=cp.to_json(),
+            positions=positions,
             next_seq=max(int(self._state["next_seq"]), cp.seq + 1),
             next_cid=max(int(self._state["next_cid"]), cp.id + 1),
         )
@@ -1072,7 +1140,9 @@ class Journal:
                 )
             self._promoting_to = cp.seq
             try:
-                total = await asyncio.to_thread(self._retention_promote_sync, cp, self._snapshots())
+                total = await asyncio.to_thread(
+                    self._retention_promote_sync, cp, self._snapshots(), dict(self._positions)
+                )
             finally:
                 self._promoting_to = None
             await asyncio.to_thread(self._delete_segments, self._after_promotion(cp))
@@ -1223,10 +1293,13 @@ class Journal:
             self._failover_phase = None
 
     def _commit_sync(self, cp: Checkpoint) -> None:
+        # Positions say what was received, not what is applied: kept although the records after
+        # ``cp`` go. No append runs during a failover, so they cannot change meanwhile.
         self._write_state(
             failover={"phase": "committing", "checkpoint": cp.to_json()},
             promoted_seq=cp.seq,
             floor=cp.to_json(),
+            positions=dict(self._positions),
             next_seq=max(int(self._state["next_seq"]), self._next_seq),
             next_cid=max(int(self._state["next_cid"]), self._next_cid),
         )

@@ -12,13 +12,17 @@ A segment file starts with a 64-byte segment header, then records back to back. 
         12    4 payload_len  bytes of payload that follow the header
         16    8 seq          VPG-wide sequence number, strictly increasing through the journal
         24    8 offset       byte offset in the volume
-        32    8 length       byte length of the extent (== payload_len for WRITE, 0 for CHECKPOINT)
+        32    8 length       byte length of the extent (== payload_len for WRITE, 0 for CHECKPOINT
+                             and POSITION)
         40    8 time_ns      wall-clock time the record was appended
         48    4 crc          CRC32C over the header (with this field zero) and the payload
         52    4 reserved     0
 
 All integers are little-endian. A CHECKPOINT record's payload is ``checkpoint id (u64), consistent
-(u8), tag length (u16), tag (utf-8)``.
+(u8), tag length (u16), tag (utf-8)``. A POSITION record's payload is ``source length (u8), source
+name (utf-8, 1..255 bytes), source seq (u64)``: every record of that replication source up to that
+source sequence number has been submitted before it. CHECKPOINT and POSITION records belong to no
+volume (``NO_VOLUME``).
 """
 
 from __future__ import annotations
@@ -31,22 +35,28 @@ import google_crc32c
 
 __all__ = [
     "HEADER",
+    "MAX_SOURCE_NAME",
     "NO_VOLUME",
+    "POSITION_PAYLOAD_MAX",
+    "POSITION_PAYLOAD_MIN",
     "RECORD_MAGIC",
     "RECORD_VERSION",
     "SEGMENT_HEADER",
     "SEGMENT_MAGIC",
     "SEGMENT_VERSION",
     "CheckpointPayload",
+    "PositionPayload",
     "RecordHeader",
     "RecordType",
     "crc32c",
     "crc_ok",
     "decode_checkpoint",
     "decode_header",
+    "decode_position",
     "decode_segment_header",
     "encode_checkpoint",
     "encode_header",
+    "encode_position",
     "encode_segment_header",
 ]
 
@@ -63,6 +73,11 @@ SEGMENT_HEADER = struct.Struct("<8sHHQQQI24x")
 assert HEADER.size == 56 and SEGMENT_HEADER.size == 64
 
 _CHECKPOINT = struct.Struct("<QBH")
+_SOURCE_SEQ = struct.Struct("<Q")
+MAX_SOURCE_NAME = 255
+#: Smallest and largest payload of a POSITION record.
+POSITION_PAYLOAD_MIN = 1 + 1 + _SOURCE_SEQ.size
+POSITION_PAYLOAD_MAX = 1 + MAX_SOURCE_NAME + _SOURCE_SEQ.size
 
 
 def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
@@ -79,6 +94,7 @@ class RecordType(enum.IntEnum):
     ZERO = 2
     TRIM = 3
     CHECKPOINT = 4
+    POSITION = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +114,14 @@ class CheckpointPayload:
     checkpoint_id: int
     consistent: bool
     tag: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class PositionPayload:
+    """How far a replication source has been journaled: its records up to ``source_seq``."""
+
+    source: str
+    source_seq: int
 
 
 def encode_header(
@@ -154,6 +178,29 @@ def decode_checkpoint(payload: bytes | memoryview) -> CheckpointPayload:
         raise ValueError("checkpoint payload length mismatch")
     tag = bytes(payload[_CHECKPOINT.size :]).decode() or None
     return CheckpointPayload(cid, bool(consistent), tag)
+
+
+def encode_position(p: PositionPayload) -> bytes:
+    """Encode a POSITION payload; ValueError for a name of 0 or over 255 bytes (or not
+    encodable as utf-8) or a seq outside u64."""
+    name = p.source.encode()
+    if not 1 <= len(name) <= MAX_SOURCE_NAME:
+        raise ValueError(f"a source name takes 1..{MAX_SOURCE_NAME} utf-8 bytes, not {len(name)}")
+    if not 0 <= p.source_seq < 1 << 64:
+        raise ValueError(f"source seq {p.source_seq} is not a u64")
+    return bytes([len(name)]) + name + _SOURCE_SEQ.pack(p.source_seq)
+
+
+def decode_position(payload: bytes | memoryview) -> PositionPayload:
+    """Decode a POSITION payload; ValueError if it is malformed."""
+    if len(payload) < POSITION_PAYLOAD_MIN:
+        raise ValueError("position payload too short")
+    n = payload[0]
+    if n == 0 or 1 + n + _SOURCE_SEQ.size != len(payload):
+        raise ValueError("position payload length mismatch")
+    source = bytes(payload[1 : 1 + n]).decode()
+    (seq,) = _SOURCE_SEQ.unpack_from(payload, 1 + n)
+    return PositionPayload(source, int(seq))
 
 
 def encode_segment_header(segno: int, first_seq: int, created_ns: int) -> bytes:

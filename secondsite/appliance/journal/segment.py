@@ -8,9 +8,10 @@ Layout of a journal directory's ``segments/`` folder::
     0000000000000002.seg   the active segment (no sidecar yet)
 
 Segment numbers increase by one and sort lexically, so the order is obvious from a listing. A
-sidecar holds the segment's index columns and checkpoint rows so that opening a journal reads
-only the active segment; a sidecar that is missing, damaged or does not match its segment's size
-is ignored and the segment is scanned instead.
+sidecar holds the segment's index columns, checkpoint rows and source positions so that opening a
+journal reads only the active segment; a sidecar that is missing, damaged, of another version or
+does not match its segment's size is ignored, and the segment is scanned instead (and its sidecar
+written anew).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from .errors import CorruptJournalError
 from .record import (
     HEADER,
     NO_VOLUME,
+    POSITION_PAYLOAD_MAX,
+    POSITION_PAYLOAD_MIN,
     RECORD_MAGIC,
     RECORD_VERSION,
     SEGMENT_HEADER,
@@ -38,6 +41,7 @@ from .record import (
     crc_ok,
     decode_checkpoint,
     decode_header,
+    decode_position,
     decode_segment_header,
 )
 
@@ -48,6 +52,7 @@ __all__ = [
     "idx_path",
     "list_segments",
     "load_sidecar",
+    "note_position",
     "scan_headers",
     "scan_segment",
     "seg_path",
@@ -60,8 +65,11 @@ REC_COLS = ("seq", "vol", "offset", "length", "pos", "kind")
 CP_COLS = ("cid", "seq", "time_ns", "consistent")
 
 _SIDECAR_MAGIC = b"SSJIDX\r\n"
-_SIDECAR_VERSION = 1
-_SIDECAR = struct.Struct("<8sHIQQQII")
+_SIDECAR_VERSION = 2
+"""2: source positions added (a version 1 sidecar is ignored: its segment is rescanned)."""
+#: magic, version, segno, segment size, records, checkpoints, tags bytes, seq of the last
+#: POSITION record, positions bytes, crc of the body
+_SIDECAR = struct.Struct("<8sHIQQQIQII")
 
 
 def seg_path(directory: Path, segno: int) -> Path:
@@ -103,6 +111,12 @@ class SegmentScan:
     records: dict[str, npt.NDArray[Any]]
     checkpoints: dict[str, npt.NDArray[Any]]
     tags: dict[int, str] = field(default_factory=dict)
+    positions: dict[str, int] = field(default_factory=dict)
+    """Per replication source, the highest source seq of the segment's POSITION records."""
+    position_seq: int = 0
+    """Sequence number of the segment's last POSITION record (0 if it holds none)."""
+    from_sidecar: bool = False
+    """Loaded from a current sidecar (otherwise the journal writes one for a sealed segment)."""
 
     @property
     def torn_bytes(self) -> int:
@@ -116,6 +130,7 @@ class SegmentScan:
             seqs.append(int(self.records["seq"][-1]))
         if len(self.checkpoints["seq"]):
             seqs.append(int(self.checkpoints["seq"][-1]))
+        seqs.append(self.position_seq)
         return max(seqs)
 
 
@@ -139,6 +154,20 @@ CP_DTYPES: dict[str, Any] = {
 }
 
 
+def note_position(positions: dict[str, int], source: str, source_seq: int) -> None:
+    """Fold one POSITION record into ``positions`` (highest source seq per source)."""
+    if source_seq > positions.get(source, -1):
+        positions[source] = source_seq
+
+
+def _decode_position(payload: bytes | memoryview, path: Path) -> tuple[str, int]:
+    try:
+        p = decode_position(payload)
+    except ValueError as exc:  # the CRC was good, or the segment is sealed: not a torn tail
+        raise CorruptJournalError(f"bad POSITION record in {path.name}: {exc}") from None
+    return p.source, p.source_seq
+
+
 def scan_segment(path: Path, *, verify_crc: bool) -> SegmentScan:
     """Read a segment's records front to back until the first invalid one.
 
@@ -152,6 +181,8 @@ def scan_segment(path: Path, *, verify_crc: bool) -> SegmentScan:
     cols: dict[str, list[int]] = {k: [] for k in REC_COLS}
     cps: dict[str, list[int]] = {k: [] for k in CP_COLS}
     tags: dict[int, str] = {}
+    positions: dict[str, int] = {}
+    position_seq = 0
     with open(path, "rb", buffering=0) as f:
         file_size = os.fstat(f.fileno()).st_size
         hdr = decode_segment_header(f.read(SEGMENT_HEADER.size))
@@ -196,6 +227,9 @@ def scan_segment(path: Path, *, verify_crc: bool) -> SegmentScan:
                 cps["consistent"].append(int(cpp.consistent))
                 if cpp.tag is not None:
                     tags[cpp.checkpoint_id] = cpp.tag
+            elif h.type == RecordType.POSITION:
+                note_position(positions, *_decode_position(payload, path))
+                position_seq = h.seq
             else:
                 cols["seq"].append(h.seq)
                 cols["vol"].append(h.volume)
@@ -214,6 +248,8 @@ def scan_segment(path: Path, *, verify_crc: bool) -> SegmentScan:
         records={k: np.asarray(v, dtype=REC_DTYPES[k]) for k, v in cols.items()},
         checkpoints={k: np.asarray(v, dtype=CP_DTYPES[k]) for k, v in cps.items()},
         tags=tags,
+        positions=positions,
+        position_seq=position_seq,
     )
 
 
@@ -254,7 +290,7 @@ def scan_headers(path: Path) -> SegmentScan:
             raise CorruptJournalError(f"bad segment header in {path.name}")
         segno, first_seq, created_ns = hdr
         parts: list[npt.NDArray[Any]] = []
-        positions: list[npt.NDArray[np.int64]] = []
+        offsets: list[npt.NDArray[np.int64]] = []
         pos = SEGMENT_HEADER.size
         if file_size >= pos + HEADER.size:
             mm = np.memmap(f, dtype=np.uint8, mode="r")
@@ -274,17 +310,25 @@ def scan_headers(path: Path) -> SegmentScan:
                 if good == 0:
                     break
                 parts.append(h[:good].copy())
-                positions.append(at[:good])
+                offsets.append(at[:good])
                 last_seq = int(h["seq"][good - 1])
                 pos += good * size
                 k = min(k * 2, _SPECULATE_MAX) if good == count else 16
             del mm
         recs = np.concatenate(parts) if parts else np.zeros(0, dtype=_HDR_DTYPE)
-        at_all = np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64)
+        at_all = np.concatenate(offsets) if offsets else np.zeros(0, dtype=np.int64)
         is_cp = recs["type"] == int(RecordType.CHECKPOINT)
-        data = recs[~is_cp]
+        is_pos = recs["type"] == int(RecordType.POSITION)
+        is_data = ~(is_cp | is_pos)
+        data = recs[is_data]
         cps: dict[str, list[int]] = {k: [] for k in CP_COLS}
         tags: dict[int, str] = {}
+        positions: dict[str, int] = {}
+        position_seq = 0
+        for i in np.flatnonzero(is_pos).tolist():
+            payload = os.pread(f.fileno(), int(recs["plen"][i]), int(at_all[i]) + HEADER.size)
+            note_position(positions, *_decode_position(payload, path))
+            position_seq = int(recs["seq"][i])
         for i in np.flatnonzero(is_cp).tolist():
             payload = os.pread(f.fileno(), int(recs["plen"][i]), int(at_all[i]) + HEADER.size)
             cpp = decode_checkpoint(payload)
@@ -305,11 +349,13 @@ def scan_headers(path: Path) -> SegmentScan:
             "vol": data["volume"].astype(np.int64),
             "offset": data["offset"].astype(np.int64),
             "length": data["length"].astype(np.int64),
-            "pos": at_all[~is_cp] + HEADER.size,
+            "pos": at_all[is_data] + HEADER.size,
             "kind": data["type"].astype(np.uint8),
         },
         checkpoints={k: np.asarray(v, dtype=CP_DTYPES[k]) for k, v in cps.items()},
         tags=tags,
+        positions=positions,
+        position_seq=position_seq,
     )
 
 
@@ -323,6 +369,13 @@ def _valid_headers(
     write = (t == int(RecordType.WRITE)) & (plen == h["length"]) & ~no_vol
     zero = ((t == int(RecordType.ZERO)) | (t == int(RecordType.TRIM))) & (plen == 0) & ~no_vol
     cp = (t == int(RecordType.CHECKPOINT)) & no_vol & (h["length"] == 0)
+    position = (
+        (t == int(RecordType.POSITION))
+        & no_vol
+        & (h["length"] == 0)
+        & (plen >= POSITION_PAYLOAD_MIN)
+        & (plen <= POSITION_PAYLOAD_MAX)
+    )
     seq = h["seq"]
     prev = np.empty_like(seq)
     prev[0] = last_seq
@@ -330,7 +383,7 @@ def _valid_headers(
     ok: npt.NDArray[np.bool_] = (
         (h["magic"] == RECORD_MAGIC)
         & (h["version"] == RECORD_VERSION)
-        & (write | zero | cp)
+        & (write | zero | cp | position)
         & (plen + HEADER.size == size)
         & (seq > prev)
         & fits
@@ -344,6 +397,12 @@ def _plausible(h: Any) -> bool:
         return bool(h.payload_len == h.length and h.volume != NO_VOLUME)
     if h.type in (RecordType.ZERO, RecordType.TRIM):
         return bool(h.payload_len == 0 and h.volume != NO_VOLUME)
+    if h.type == RecordType.POSITION:
+        return bool(
+            h.volume == NO_VOLUME
+            and h.length == 0
+            and POSITION_PAYLOAD_MIN <= h.payload_len <= POSITION_PAYLOAD_MAX
+        )
     return bool(h.type == RecordType.CHECKPOINT and h.volume == NO_VOLUME and h.length == 0)
 
 
@@ -354,7 +413,8 @@ def write_sidecar(directory: Path, scan: SegmentScan) -> None:
         np.ascontiguousarray(scan.checkpoints[k], dtype=CP_DTYPES[k]).tobytes() for k in CP_COLS
     ]
     tags = json.dumps({str(k): v for k, v in scan.tags.items()}).encode()
-    parts.append(tags)
+    positions = json.dumps(scan.positions).encode()
+    parts += [tags, positions]
     body = b"".join(parts)
     crc = crc32c(body)
     head = _SIDECAR.pack(
@@ -365,6 +425,8 @@ def write_sidecar(directory: Path, scan: SegmentScan) -> None:
         len(scan.records["seq"]),
         len(scan.checkpoints["seq"]),
         len(tags),
+        scan.position_seq,
+        len(positions),
         crc,
     )
     final = idx_path(directory, scan.segno)
@@ -387,7 +449,7 @@ def load_sidecar(
         return None
     if len(raw) < _SIDECAR.size:
         return None
-    magic, version, sno, size, nrec, ncp, tlen, crc = _SIDECAR.unpack_from(raw)
+    magic, version, sno, size, nrec, ncp, tlen, pseq, plen, crc = _SIDECAR.unpack_from(raw)
     body = memoryview(raw)[_SIDECAR.size :]
     if (
         magic != _SIDECAR_MAGIC
@@ -408,10 +470,14 @@ def load_sidecar(
         dt = np.dtype(CP_DTYPES[k])
         cps[k] = np.frombuffer(body, dtype=dt, count=ncp, offset=at).copy()
         at += dt.itemsize * ncp
-    if at + tlen != len(body):
+    if at + tlen + plen != len(body):
         return None
-    tags = {int(k): str(v) for k, v in json.loads(bytes(body[at:]).decode()).items()}
-    return SegmentScan(segno, first_seq, created_ns, size, size, recs, cps, tags)
+    tags = {int(k): str(v) for k, v in json.loads(bytes(body[at : at + tlen]).decode()).items()}
+    raw_positions = json.loads(bytes(body[at + tlen :]).decode())
+    positions = {str(k): int(v) for k, v in raw_positions.items()}
+    return SegmentScan(
+        segno, first_seq, created_ns, size, size, recs, cps, tags, positions, pseq, True
+    )
 
 
 class _Handle:
