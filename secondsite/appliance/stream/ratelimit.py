@@ -8,8 +8,9 @@ request of ``n`` bytes from a flow of weight ``w`` is tagged with a virtual star
 request with the smallest start tag is served first. A flow that is idle earns no credit, so an
 idle VPG's share goes to the others at once, and it gets its share back as soon as it sends again.
 
-The bucket may go into debt by one request, so requests larger than the burst still pass, and the
-long-run rate is exact. Without a rate (``None``) ``acquire`` returns at once.
+The bucket holds ``burst_seconds`` of tokens (so a late event-loop wakeup loses nothing) and may go
+into debt by one request, so requests larger than the burst still pass, and the long-run rate is
+exact. Without a rate (``None``) ``acquire`` returns at once.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class BandwidthLimiter:
         self,
         rate: float | None,
         *,
-        burst_seconds: float = 0.02,
+        burst_seconds: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._rate = rate
