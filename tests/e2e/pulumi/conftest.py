@@ -17,7 +17,14 @@ from secondsite.devcluster import pulumi_build
 def pulumi_env(
     tmp_path_factory: pytest.TempPathFactory, kubeconfig: Path, kubectl: Any
 ) -> PulumiEnv:
-    engine = pulumi_build.build()
+    # `make test` builds the engine first (`make pulumi-engine`); a cold build takes longer than
+    # a test may, so a missing engine fails here, saying how to build it.
+    engine = pulumi_build.cached()
+    if engine is None:
+        pytest.fail(
+            "the Pulumi engine is not built: run `make pulumi-engine`"
+            " (python -m secondsite.devcluster.pulumi_build)"
+        )
     base = tmp_path_factory.mktemp("pulumi")
     home = base / "home"
     work_dir = base / "example"
