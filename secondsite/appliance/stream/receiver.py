@@ -573,6 +573,8 @@ class StreamReceiver:
             self.rejected += 1
             session.send(Error(ErrorCode.PROTOCOL, e.reason))
             session.log(logging.WARNING, "protocol-error", reason=repr(e.reason))
+        except ConnectionError as e:  # the peer went away (a sender closing resets, too)
+            session.log(logging.INFO, "connection-lost", error=repr(e))
         except (TimeoutError, OSError) as e:
             self.rejected += 1
             session.log(logging.WARNING, "connection-error", error=repr(e))
