@@ -7,13 +7,16 @@ import pytest
 from secondsite.appliance.journal.record import (
     HEADER,
     CheckpointPayload,
+    PositionPayload,
     RecordType,
     crc_ok,
     decode_checkpoint,
     decode_header,
+    decode_position,
     decode_segment_header,
     encode_checkpoint,
     encode_header,
+    encode_position,
     encode_segment_header,
 )
 
@@ -43,7 +46,7 @@ def test_crc_detects_a_flipped_payload_byte(where: int) -> None:
     h = decode_header(raw)
     assert h is not None
     payload[where] ^= 0x01
-    assert not crc_ok(raw, payload, h.crc)
+    assert not crc_ok(raw, bytes(payload), h.crc)
 
 
 @pytest.mark.parametrize("where", [8, 16, 24, 32, 40])
@@ -69,6 +72,35 @@ def test_checkpoint_payload_round_trip() -> None:
         assert decode_checkpoint(encode_checkpoint(p)) == p
     with pytest.raises(ValueError):
         decode_checkpoint(encode_checkpoint(CheckpointPayload(1, True, "x")) + b"junk")
+
+
+def test_position_payload_round_trip() -> None:
+    for p in (PositionPayload("n", 0), PositionPayload("node-ü" * 36, (1 << 64) - 1)):
+        raw = encode_position(p)
+        assert raw[0] == len(p.source.encode()) and len(raw) == 1 + raw[0] + 8
+        assert decode_position(raw) == p
+    raw = encode_position(PositionPayload("node-1", 77))
+    for bad in (raw[:-1], raw + b"\0", b"\0" + raw[1:], raw[:3]):
+        with pytest.raises(ValueError):
+            decode_position(bad)
+
+
+@pytest.mark.parametrize(
+    "p", [PositionPayload("", 1), PositionPayload("x" * 256, 1), PositionPayload("n", -1)]
+)
+def test_position_payload_limits(p: PositionPayload) -> None:
+    with pytest.raises(ValueError):
+        encode_position(p)
+
+
+def test_record_types_keep_their_numbers() -> None:
+    assert [(t.name, t.value) for t in RecordType] == [
+        ("WRITE", 1),
+        ("ZERO", 2),
+        ("TRIM", 3),
+        ("CHECKPOINT", 4),
+        ("POSITION", 5),
+    ]
 
 
 def test_segment_header_round_trip_and_damage() -> None:

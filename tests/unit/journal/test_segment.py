@@ -12,6 +12,9 @@ import pytest
 from secondsite.appliance.journal import Journal, JournalConfig
 from secondsite.appliance.journal.segment import scan_headers, scan_segment
 
+POSITION = -1
+"""In a list of record sizes: a POSITION record (of source "s0", "s1" or "s2")."""
+
 
 async def _journal(d: Path, sizes: list[int]) -> Path:
     j = await Journal.open(d, JournalConfig(segment_size=64 << 20))
@@ -19,7 +22,9 @@ async def _journal(d: Path, sizes: list[int]) -> Path:
     await j.add_volume("b", 1 << 20)
     for i, n in enumerate(sizes):
         vol = "ab"[i % 2]
-        if n < 0:
+        if n == POSITION:
+            await j.submit_position(f"s{i % 3}", i)
+        elif n < 0:
             await j.append_trim(vol, 4096, -n)
         elif n == 0:
             await j.checkpoint(tag="t" if i % 3 == 0 else None, consistent=i % 2 == 0)
@@ -37,6 +42,9 @@ def _same(a: object, b: object) -> None:
     for k in ca:
         assert np.array_equal(ca[k], cb[k]), k
     assert a.tags == b.tags  # type: ignore[attr-defined]
+    assert a.positions == b.positions  # type: ignore[attr-defined]
+    assert a.position_seq == b.position_seq  # type: ignore[attr-defined]
+    assert a.last_seq == b.last_seq  # type: ignore[attr-defined]
     assert a.valid_end == b.valid_end  # type: ignore[attr-defined]
 
 
@@ -45,10 +53,12 @@ async def test_header_scan_matches_full_scan(tmp_path: Path, seed: int) -> None:
     rng = random.Random(seed)
     sizes = []
     for _ in range(40):  # runs of equal sizes with odd ones between, as workloads do
-        n = rng.choice([4096, 512, 65536, 1, 0, -8192])
+        n = rng.choice([4096, 512, 65536, 1, 0, -8192, POSITION])
         sizes += [n] * rng.randrange(1, 60)
     seg = await _journal(tmp_path / "j", sizes)
-    _same(scan_headers(seg), scan_segment(seg, verify_crc=True))
+    full = scan_segment(seg, verify_crc=True)
+    assert full.positions and full.position_seq > 0
+    _same(scan_headers(seg), full)
 
 
 async def test_header_scan_stops_at_a_torn_or_damaged_record(tmp_path: Path) -> None:
