@@ -16,11 +16,31 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from secondsite.devcluster.gobuild import (
+    BuildError,
+    Progress,
+    cache_root,
+    go_env,
+    run_step,
+    stream_build,
+)
+
+__all__ = [
+    "BINARIES",
+    "KUBERNETES_VERSION",
+    "BuildError",
+    "Progress",
+    "Toolchain",
+    "build",
+    "cache_root",
+    "helper_go_mod",
+    "staging_version",
+    "toolchain",
+]
 
 KUBERNETES_VERSION = "1.34.4"
 """The pinned Kubernetes release (control plane and kubectl)."""
@@ -39,19 +59,6 @@ _BUILT_NAMES = {"etcd": "server"}
 
 _STAGING_RE = re.compile(r"^\s*(k8s\.io/[A-Za-z0-9._-]+)\s+=>\s+\./staging/", re.MULTILINE)
 _ETCD_RE = re.compile(r"^\s*go\.etcd\.io/etcd/server/v3\s+(v\S+)", re.MULTILINE)
-
-
-class BuildError(RuntimeError):
-    """A build step failed; the message names the step and carries the tool's last output lines."""
-
-
-def cache_root() -> Path:
-    """Where SecondSite keeps builds and dev clusters: $SECONDSITE_CACHE or ~/.cache/secondsite."""
-    env = os.environ.get("SECONDSITE_CACHE")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "secondsite"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,36 +143,8 @@ def _ldflags(version: str) -> str:
     return " ".join(flags)
 
 
-Progress = Callable[[str], None]
-
-
 def _say(msg: str) -> None:
     print(f"devcluster: {msg}", file=sys.stderr, flush=True)
-
-
-def _run_step(
-    step: str, argv: Sequence[str], cwd: Path, env: dict[str, str], progress: Progress
-) -> str:
-    progress(f"{step}: {' '.join(argv[:3])} ...")
-    try:
-        proc = subprocess.run(
-            list(argv), cwd=cwd, env=env, capture_output=True, text=True, check=False
-        )
-    except FileNotFoundError as e:
-        raise BuildError(f"step {step!r} failed: {e.filename} not found (is Go installed?)") from e
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
-        raise BuildError(f"step {step!r} failed (exit {proc.returncode}):\n{tail}")
-    return proc.stdout
-
-
-def _go_env(work: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("CGO_ENABLED", "0")
-    env["GOFLAGS"] = "-mod=mod -buildvcs=false"
-    env.setdefault("GOTOOLCHAIN", "local")
-    env["GOWORK"] = "off"
-    return env
 
 
 def build(version: str = KUBERNETES_VERSION, progress: Progress = _say) -> Toolchain:
@@ -177,10 +156,10 @@ def build(version: str = KUBERNETES_VERSION, progress: Progress = _say) -> Toolc
         raise BuildError("step 'find go' failed: the `go` command is not on PATH")
     work = tc.bin_dir.parent / "src"
     work.mkdir(parents=True, exist_ok=True)
-    env = _go_env(work)
+    env = go_env()
     started = time.monotonic()
 
-    out = _run_step(
+    out = run_step(
         "download k8s.io/kubernetes",
         ["go", "mod", "download", "-json", f"k8s.io/kubernetes@v{version}"],
         work,
@@ -194,7 +173,7 @@ def build(version: str = KUBERNETES_VERSION, progress: Progress = _say) -> Toolc
     (work / "go.mod").write_text(helper_go_mod(version, kube_mod))
     imports = "\n".join(f'\t_ "{_PACKAGES[b]}"' for b in BINARIES)
     (work / "tools.go").write_text(_TOOLS_GO.format(imports=imports))
-    _run_step("resolve modules (go mod tidy)", ["go", "mod", "tidy"], work, env, progress)
+    run_step("resolve modules (go mod tidy)", ["go", "mod", "tidy"], work, env, progress)
 
     out_dir = tc.bin_dir.parent / "bin.partial"
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -210,7 +189,7 @@ def build(version: str = KUBERNETES_VERSION, progress: Progress = _say) -> Toolc
         str(out_dir) + "/",
         *(_PACKAGES[b] for b in BINARIES),
     ]
-    _stream_build(argv, work, env, progress)
+    stream_build(argv, work, env, progress)
     for name in BINARIES:
         built = out_dir / _BUILT_NAMES.get(name, name)
         if not built.exists():
@@ -222,27 +201,3 @@ def build(version: str = KUBERNETES_VERSION, progress: Progress = _say) -> Toolc
     (tc.bin_dir / ".complete").write_text(f"v{version}\n")
     progress(f"built {', '.join(BINARIES)} v{version} in {time.monotonic() - started:.0f} s")
     return tc
-
-
-def _stream_build(argv: list[str], cwd: Path, env: dict[str, str], progress: Progress) -> None:
-    """Run `go build -v`, reporting progress as packages compile; fail with the compiler's words."""
-    progress("compile: go build (a cold build takes several minutes on 2 cores)")
-    proc = subprocess.Popen(
-        argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    assert proc.stdout is not None
-    tail: list[str] = []
-    count = 0
-    last = time.monotonic()
-    for line in proc.stdout:
-        line = line.rstrip()
-        tail = [*tail[-39:], line]
-        count += 1
-        if time.monotonic() - last >= 15:
-            progress(f"compile: {count} packages so far (now {line})")
-            last = time.monotonic()
-    rc = proc.wait()
-    if rc != 0:
-        errors = "\n".join(tail[-25:])
-        raise BuildError(f"step 'go build' failed (exit {rc}):\n{errors}")
-    progress(f"compile: done, {count} packages compiled")

@@ -47,13 +47,13 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from secondsite.devcluster.build import (
+from secondsite.devcluster.gobuild import (
     BuildError,
     Progress,
-    _go_env,
-    _run_step,
-    _stream_build,
     cache_root,
+    go_env,
+    run_step,
+    stream_build,
 )
 
 PULUMI_VERSION = "3.260.0"
@@ -241,7 +241,7 @@ def _download(
     module: str, version: str, work: Path, env: dict[str, str], progress: Progress
 ) -> dict[str, str]:
     step = f"download {module}"
-    out = _run_step(
+    out = run_step(
         step, ["go", "mod", "download", "-json", f"{module}@{version}"], work, env, progress
     )
     info: dict[str, str] = json.loads(out)
@@ -260,14 +260,14 @@ def _compile(
     progress: Progress,
 ) -> Path:
     """`go build` one program of the helper module in `work`; install it with a stamp file."""
-    _run_step("resolve modules (go mod tidy)", ["go", "mod", "tidy"], work, env, progress)
+    run_step("resolve modules (go mod tidy)", ["go", "mod", "tidy"], work, env, progress)
     out_dir = directory / "bin.partial"
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     argv = ["go", "build", "-v", "-trimpath", "-ldflags", ldflags]
     argv += ["-o", str(out_dir / binary), package]
     started = time.monotonic()
-    _stream_build(argv, work, env, progress)
+    stream_build(argv, work, env, progress)
     if not (out_dir / binary).exists():
         raise BuildError(f"step 'go build' produced no {binary} in {out_dir}")
     bin_dir = directory / "bin"
@@ -286,7 +286,7 @@ def build_pulumi(version: str = PULUMI_VERSION, progress: Progress = _say) -> Pa
     if cached is not None:
         return cached
     work = _workdir(directory)
-    env = _go_env(work)
+    env = go_env()
     upstream = _download(_PULUMI_MODULE, f"v{version}", work, env, progress)
     go_mod = helper_go_mod(
         "pulumibuild",
@@ -312,7 +312,7 @@ def build_kubernetes_plugin(
     if cached is not None:
         return cached
     work = _workdir(directory)
-    env = _go_env(work)
+    env = go_env()
     upstream = _download(
         _KUBERNETES_MODULE, KUBERNETES_PROVIDER_MODULE_VERSION, work, env, progress
     )
