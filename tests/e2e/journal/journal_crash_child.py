@@ -1,11 +1,14 @@
 """Child process of test_crash.py: appends random writes and checkpoints to a journal until it is
 killed. Right after submitting a record (before the event loop can hand it to the I/O thread) it
-prints the record's intent, and an ack line once the append returned. Lines:
+prints the record's intent, and an ack line once the append returned. Now and then a writer
+submits, right behind its write, a position of one of two replication sources (as the stream
+receiver does after a batch), going on from the durable positions found at open. Lines:
 
     READY <durable seq at open>
     I <seq> W|Z|T <volume> <offset> <length>     intent (a record that may become durable)
     C <seq> <checkpoint id>                       checkpoint intent
-    A <seq>                                       acked (append or checkpoint returned)
+    P <seq> <source> <source seq>                 position intent
+    A <seq>                                       acked (append, checkpoint or position durable)
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 from secondsite.appliance.journal import Journal, JournalConfig, RetentionPolicy
 
 VOLUMES = {"v0": 1 << 20, "v1": 600_000}
+SOURCES = ("node-a", "node-b")
 
 
 def config() -> JournalConfig:
@@ -39,7 +43,7 @@ def out(line: str) -> None:
     sys.stdout.flush()
 
 
-async def writer(j: Journal, rng: random.Random) -> None:
+async def writer(j: Journal, rng: random.Random, sent: dict[str, int]) -> None:
     while True:
         vol = rng.choice(list(VOLUMES))
         size = VOLUMES[vol]
@@ -59,8 +63,16 @@ async def writer(j: Journal, rng: random.Random) -> None:
             p = j.submit_trim(vol, off, n)
             kind = "T"
         out(f"I {p.seq} {kind} {vol} {off} {n}")
-        await p
-        out(f"A {p.seq}")
+        pending = [p]
+        if rng.random() < 0.25:
+            source = rng.choice(SOURCES)
+            sent[source] += rng.randrange(1, 4)  # gaps, as the stream has them
+            pos = j.submit_position(source, sent[source])
+            out(f"P {pos.seq} {source} {sent[source]}")
+            pending.append(pos)
+        for q in pending:
+            await q
+            out(f"A {q.seq}")
 
 
 async def checkpointer(j: Journal) -> None:
@@ -80,7 +92,8 @@ async def main(directory: Path, seed: int) -> None:
         await j.add_volume(v, n)
     out(f"READY {j.durable_seq}")
     rng = random.Random(seed)
-    tasks = [asyncio.ensure_future(writer(j, random.Random(rng.random()))) for _ in range(8)]
+    sent = {s: j.positions.get(s, 0) for s in SOURCES}
+    tasks = [asyncio.ensure_future(writer(j, random.Random(rng.random()), sent)) for _ in range(8)]
     tasks.append(asyncio.ensure_future(checkpointer(j)))
     await asyncio.gather(*tasks)
 

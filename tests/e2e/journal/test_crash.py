@@ -1,9 +1,12 @@
 """kill -9 a process appending to a journal at random moments; every acked write and checkpoint
-must survive, and every checkpoint's image must equal the replay of the records before it."""
+must survive, and every checkpoint's image must equal the replay of the records before it. The
+source positions after each restart are exactly those of the durable prefix: at least the last
+acked one of each source, at most the last submitted one."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -23,7 +26,7 @@ ROUNDS = 24
 MAX_SECONDS = 240
 
 sys.path.insert(0, str(CHILD.parent))
-from journal_crash_child import VOLUMES, config, payload  # noqa: E402
+from journal_crash_child import SOURCES, VOLUMES, config, payload  # noqa: E402
 
 
 @dataclass
@@ -33,6 +36,8 @@ class Intent:
     vol: str
     off: int
     n: int
+    source: str = ""
+    source_seq: int = 0
 
 
 def run_round(d: Path, seed: int, kill_after: float) -> list[str]:
@@ -73,12 +78,15 @@ def run_round(d: Path, seed: int, kill_after: float) -> list[str]:
     return lines
 
 
-async def verify(d: Path, intents: dict[int, Intent], acked: set[int]) -> tuple[int, int]:
+async def verify(
+    d: Path, intents: dict[int, Intent], acked: set[int], submitted: dict[str, int]
+) -> tuple[int, int]:
     j = await Journal.open(d, config())
     try:
         durable = j.durable_seq
         lost = sorted(s for s in acked if s > durable)
         assert not lost, f"acked records lost: {lost[:10]} (durable {durable})"
+        check_positions(j, intents, acked, submitted)
         cps = j.checkpoints.between()
         cp_seqs = {c.seq for c in cps}
         for s in acked:
@@ -111,6 +119,27 @@ async def verify(d: Path, intents: dict[int, Intent], acked: set[int]) -> tuple[
         await j.close()
 
 
+def check_positions(
+    j: Journal, intents: dict[int, Intent], acked: set[int], submitted: dict[str, int]
+) -> None:
+    got = dict(j.positions)
+    prefix: dict[str, int] = {}
+    acked_pos: dict[str, int] = {}
+    for seq in sorted(intents):
+        it = intents[seq]
+        if it.kind != "P":
+            continue
+        if seq <= j.durable_seq:
+            prefix[it.source] = max(prefix.get(it.source, 0), it.source_seq)
+        if seq in acked:
+            acked_pos[it.source] = max(acked_pos.get(it.source, 0), it.source_seq)
+    for source in SOURCES:
+        have = got.get(source, 0)
+        assert have >= acked_pos.get(source, 0), f"{source}: acked position lost ({got})"
+        assert have <= submitted.get(source, 0), f"{source}: beyond any submitted ({got})"
+    assert got == prefix, f"positions {got}, durable prefix says {prefix}"
+
+
 async def check_images(j: Journal, cid: int, model: dict[str, bytearray]) -> None:
     for v in VOLUMES:
         img = await j.open_image(v, cid)
@@ -126,6 +155,7 @@ def test_kill_9_at_random_moments(tmp_path: Path) -> None:
     rng = random.Random(int(os.environ.get("JOURNAL_CRASH_SEED", "20261125")))
     intents: dict[int, Intent] = {}
     acked: set[int] = set()
+    submitted: dict[str, int] = {}
     deadline = time.monotonic() + MAX_SECONDS
     rounds = 0
     total_checked = 0
@@ -138,9 +168,13 @@ def test_kill_9_at_random_moments(tmp_path: Path) -> None:
                 intents[seq] = Intent(seq, parts[2], parts[3], int(parts[4]), int(parts[5]))
             elif parts[0] == "C":
                 intents[int(parts[1])] = Intent(int(parts[1]), "C", "", 0, 0)
+            elif parts[0] == "P":
+                seq, source, source_seq = int(parts[1]), parts[2], int(parts[3])
+                intents[seq] = Intent(seq, "P", "", 0, 0, source, source_seq)
+                submitted[source] = max(submitted.get(source, 0), source_seq)
             elif parts[0] == "A":
                 acked.add(int(parts[1]))
-        durable, checked = asyncio.run(verify(d, intents, acked))
+        durable, checked = asyncio.run(verify(d, intents, acked, submitted))
         total_checked += checked
         # Records past the durable end were never acked; their seqs are reused next round.
         for s in [s for s in intents if s > durable]:
@@ -148,4 +182,13 @@ def test_kill_9_at_random_moments(tmp_path: Path) -> None:
         rounds += 1
     assert rounds >= 20, f"only {rounds} rounds in {MAX_SECONDS}s"
     assert len(acked) > 1000 and total_checked > 20
-    print(f"crash rounds={rounds} acked={len(acked)} checkpoint images checked={total_checked}")
+    acked_positions = sum(1 for s in acked if intents[s].kind == "P")
+    assert acked_positions > 100 and all(submitted.get(s, 0) > 0 for s in SOURCES)
+    # Retention promoted (and deleted the segments of) POSITION records: state.json kept them.
+    state = json.loads((d / "state.json").read_text())
+    assert min(s for s, it in intents.items() if it.kind == "P") <= state["promoted_seq"]
+    assert set(state["positions"]) == set(SOURCES)
+    print(
+        f"crash rounds={rounds} acked={len(acked)} checkpoint images checked={total_checked}"
+        f" positions acked={acked_positions} last={submitted}"
+    )
