@@ -22,8 +22,13 @@ match the peer's certificate. Per connection:
 Anything malformed gets an ERROR and a closed connection, and a warning in the log naming the
 peer (and vpg and source once known); other connections are unaffected.
 
-:meth:`StreamReceiver.request_checkpoint` takes a cut across every source of a VPG: HOLD to each,
-wait for every MARKED (whose mark record must have reached the sink first), then RELEASE to all.
+:meth:`StreamReceiver.request_checkpoint` takes a cut across every source of a VPG in two steps.
+The *hold*: HOLD to each source, which holds its acks and appends a CHECKPOINT_MARK; once every
+MARKED is in, RELEASE to all. The hold lasts a round trip, whatever backlog the stream has. The
+*cut*: each connection submits records up to its mark and then holds back what follows (a barrier)
+until every source's mark has been submitted; ``on_cut`` is called right then, and the barriers
+lift. So a sink that journals several sources in one order can mark its checkpoint in ``on_cut``
+and get exactly the records before the marks, from every source, in front of it.
 """
 
 from __future__ import annotations
@@ -98,7 +103,10 @@ class ReceiverSettings:
     max_inflight_bytes: int = 64 * 1024 * 1024
     """Record bytes per connection submitted but not yet durable; reading pauses beyond."""
     checkpoint_timeout: float = 5.0
-    """Default seconds :meth:`StreamReceiver.request_checkpoint` waits for every MARKED."""
+    """Default seconds :meth:`StreamReceiver.request_checkpoint` waits for every MARKED (the
+    sources hold their acks meanwhile)."""
+    cut_timeout: float = 30.0
+    """Default seconds it then waits for every mark record to arrive (the backlog before it)."""
     drain_timeout: float = 10.0
     """Seconds a closing or replaced connection waits for its records in flight to be durable."""
     read_size: int = 256 * 1024
@@ -137,8 +145,25 @@ class _Closed(Exception):
 
 @dataclass(eq=False)
 class _HoldWait:
-    future: asyncio.Future[int]
+    """One connection's part in a checkpoint request."""
+
+    marked: asyncio.Future[int]
+    """MARKED arrived: the source holds its acks; the result is the seq of its mark."""
+    reached: asyncio.Future[int]
+    """The mark record was submitted to the sink (and a barrier holds back what follows)."""
     marked_seq: int | None = None
+
+    def fail(self, why: str) -> None:
+        for fut in (self.marked, self.reached):
+            if not fut.done():
+                fut.set_exception(CheckpointError(why))
+
+    def settle(self) -> None:
+        for fut in (self.marked, self.reached):
+            if not fut.done():
+                fut.cancel()
+            elif not fut.cancelled():
+                fut.exception()  # retrieved: a failure is reported by request_checkpoint
 
 
 class _Session:
@@ -169,7 +194,9 @@ class _Session:
         self._ack_scheduled = False
         self._last_write = time.monotonic()
         self._holds: dict[int, _HoldWait] = {}
-        self._marks_seen: dict[int, int] = {}
+        self._barrier: int | None = None
+        """The checkpoint request whose mark this connection reached: later records wait."""
+        self._held_back: collections.deque[Record] = collections.deque()
         self.finished = asyncio.Event()
         self._stop: _Closed | None = None
         self._ending = False
@@ -302,16 +329,16 @@ class _Session:
                 self._marked(frame.request, frame.seq)
             case HoldFailed():
                 wait = self._holds.get(frame.request)
-                if wait is not None and not wait.future.done():
-                    wait.future.set_exception(CheckpointError(f"hold failed: {frame.reason}"))
+                if wait is not None:
+                    wait.fail(f"hold failed: {frame.reason}")
             case Error():
                 raise _Closed(f"peer error {frame.code}: {frame.message}")
             case _:
                 raise ProtocolError(f"unexpected {type(frame).__name__.upper()} from a sender")
 
     def _data(self, records: tuple[Record, ...]) -> None:
-        hello, sink, stats = self.hello, self.sink, self.stats
-        assert hello is not None and sink is not None
+        hello, stats = self.hello, self.stats
+        assert hello is not None
         volumes = hello.volumes
         for r in records:
             if r.seq <= stats.position:
@@ -320,31 +347,53 @@ class _Session:
                 continue
             if r.seq <= stats.last_seq:
                 raise ProtocolError(f"seq {r.seq} after {stats.last_seq}")
-            if r.op is Op.CHECKPOINT_MARK:
-                if r.offset in self._holds:
-                    self._marks_seen[r.seq] = r.offset
-            elif r.volume >= len(volumes) or r.offset + r.length > volumes[r.volume].size:
+            if r.op is not Op.CHECKPOINT_MARK and (
+                r.volume >= len(volumes) or r.offset + r.length > volumes[r.volume].size
+            ):
                 raise ProtocolError(
                     f"record {r.seq}: [{r.offset}, {r.offset + r.length}) outside volume index "
                     f"{r.volume}"
                 )
             stats.last_seq = r.seq
-            try:
-                durable = sink.submit(hello.source, r)
-            except Exception as e:  # SinkError, or whatever the sink's storage raised
-                raise _Closed(
-                    f"sink refused record {r.seq}: {e}", ErrorCode.SINK_FAILED, warn=True
-                ) from None
-            size = RECORD_HEADER_SIZE + len(r.payload)
-            self._pending.append((r.seq, durable, size))
-            self._inflight += size
-            stats.records += 1
-            stats.payload_bytes += len(r.payload)
+            self._inflight += RECORD_HEADER_SIZE + len(r.payload)
+            if self._barrier is not None:
+                self._held_back.append(r)
+            else:
+                self._submit(r)
         if self._pending:
             self._pending_event.set()
         if self._inflight > self.settings.max_inflight_bytes:
             self._room.clear()
         self._check_marks()
+
+    def _submit(self, r: Record) -> None:
+        hello, sink = self.hello, self.sink
+        assert hello is not None and sink is not None
+        try:
+            durable = sink.submit(hello.source, r)
+        except Exception as e:  # SinkError, or whatever the sink's storage raised
+            raise _Closed(
+                f"sink refused record {r.seq}: {e}", ErrorCode.SINK_FAILED, warn=True
+            ) from None
+        self._pending.append((r.seq, durable, RECORD_HEADER_SIZE + len(r.payload)))
+        self.stats.records += 1
+        self.stats.payload_bytes += len(r.payload)
+        wait = self._holds.get(r.offset) if r.op is Op.CHECKPOINT_MARK else None
+        if wait is not None and not wait.reached.done():
+            # This source's side of the cut is complete: hold back the rest until every
+            # source of the request got here too.
+            self._barrier = r.offset
+            wait.reached.set_result(r.seq)
+
+    def lift_barrier(self, request: int) -> None:
+        """The cut is marked (or abandoned): submit what was held back, in order."""
+        if self._barrier != request:
+            return
+        self._barrier = None
+        while self._held_back and self._barrier is None:
+            self._submit(self._held_back.popleft())
+        if self._pending:
+            self._pending_event.set()
 
     async def _acker(self) -> None:
         """Await durability in seq order and ACK what became durable; once the session is
@@ -399,41 +448,39 @@ class _Session:
 
     # -- checkpoints ------------------------------------------------------------------------
 
-    def begin_hold(self, request: int) -> asyncio.Future[int]:
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._holds[request] = _HoldWait(fut)
+    def begin_hold(self, request: int) -> _HoldWait:
+        loop = asyncio.get_running_loop()
+        wait = self._holds[request] = _HoldWait(loop.create_future(), loop.create_future())
         self.send(Hold(request))
-        return fut
+        return wait
 
-    def end_hold(self, request: int) -> None:
-        wait = self._holds.pop(request, None)
-        self._marks_seen = {s: r for s, r in self._marks_seen.items() if r in self._holds}
-        if wait is not None:
-            if wait.future.done():
-                if not wait.future.cancelled():
-                    wait.future.exception()  # retrieved: a failure is reported by the caller
-            else:
-                wait.future.cancel()
+    def release(self, request: int) -> None:
         self.send(Release(request))
+
+    def end_request(self, request: int) -> None:
+        wait = self._holds.pop(request, None)
+        if wait is not None:
+            wait.settle()
+        self.lift_barrier(request)
 
     def _marked(self, request: int, seq: int) -> None:
         wait = self._holds.get(request)
-        if wait is None or wait.future.done():
+        if wait is None or wait.marked.done():
             return  # late: the request timed out and was released already
         wait.marked_seq = seq
+        wait.marked.set_result(seq)
         self._check_marks()
 
     def _check_marks(self) -> None:
+        """A MARKED whose mark record this connection went past without seeing: the mark was
+        lost (spilled on the protected side), so this cut cannot be taken."""
         for request, wait in self._holds.items():
             seq = wait.marked_seq
-            if seq is None or wait.future.done() or seq > self.stats.last_seq:
+            if seq is None or wait.reached.done() or seq > self.stats.last_seq:
                 continue
-            if self._marks_seen.get(seq) == request:
-                wait.future.set_result(seq)
-            else:
-                wait.future.set_exception(
-                    CheckpointError(f"MARKED {request} at seq {seq} without its mark record")
-                )
+            wait.reached.set_exception(
+                CheckpointError(f"MARKED {request} at seq {seq} without its mark record")
+            )
 
     def stop(self, reason: _Closed) -> None:
         """Make the session end with ``reason``."""
@@ -443,8 +490,7 @@ class _Session:
 
     def fail_holds(self, why: str) -> None:
         for wait in self._holds.values():
-            if not wait.future.done():
-                wait.future.set_exception(CheckpointError(why))
+            wait.fail(why)
 
     async def close(self) -> None:
         if self._heartbeat_task is not None:
@@ -485,6 +531,7 @@ class StreamReceiver:
         self._handshakes: dict[tuple[str, str], asyncio.Lock] = {}
         self._draining: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._request_ids = itertools.count(1)
+        self._cut_locks: dict[str, asyncio.Lock] = {}
         self._hold_times: collections.deque[float] = collections.deque(maxlen=1000)
         self._closing = False
         self.rejected = 0
@@ -649,52 +696,69 @@ class StreamReceiver:
         sources: Collection[str] | None = None,
         *,
         timeout: float | None = None,
-        on_marked: Callable[[Mapping[str, int]], None] | None = None,
+        cut_timeout: float | None = None,
+        on_cut: Callable[[Mapping[str, int]], None] | None = None,
     ) -> dict[str, int]:
         """Take a cut across ``sources`` of ``vpg`` (default: all connected); returns each
-        source's mark seq.
+        source's mark seq once the cut is complete.
 
-        Sends HOLD to each source: it holds new acks to its writers and appends a CHECKPOINT_MARK
-        record after every write it acked. Once every MARKED has arrived *and every mark record
-        has been submitted to the sink*, ``on_marked(marks)`` is called, then RELEASE is sent to
-        all. Records submitted before ``on_marked`` returns include every write acked before the
-        cut on every source; no record submitted after it was acked before the cut. So a sink
-        that orders several sources into one journal marks its recovery-side checkpoint inside
-        ``on_marked`` (synchronously: no other record is submitted meanwhile).
+        Hold: HOLD goes to each source, which holds new acks to its writers and appends a
+        CHECKPOINT_MARK after every write it acked; RELEASE goes to all as soon as every MARKED
+        is in (or ``timeout`` passed). Cut: once every source's mark record has been submitted
+        to the sink, with nothing after any mark submitted yet, ``on_cut(marks)`` is called;
+        records submitted before it are exactly those before the marks. A sink journaling
+        several sources in one order marks its recovery-side checkpoint there (synchronously).
 
-        Raises :class:`CheckpointError` if a source is not connected, refuses, disconnects, or
-        does not answer within ``timeout``; every source is released either way. The hold (HOLD
-        sent to RELEASE sent) is timed: see :meth:`hold_times`.
+        One request per vpg at a time (later ones wait). Raises :class:`CheckpointError` if a
+        source is not connected, refuses, disconnects, does not mark within ``timeout``, or its
+        mark record does not arrive within ``cut_timeout``; every source is released and every
+        connection resumes either way. The hold is timed: :meth:`hold_times`.
         """
-        live = {src: s for (v, src), s in self._sessions.items() if v == vpg}
-        wanted = sorted(live if sources is None else set(sources))
-        missing = [s for s in wanted if s not in live]
-        if not wanted or missing:
-            raise CheckpointError(f"vpg {vpg}: sources not connected: {missing or 'none'}")
-        request = next(self._request_ids)
-        sessions = [live[s] for s in wanted]
-        start = time.perf_counter()
-        waits = {s.stats.source: s.begin_hold(request) for s in sessions}
-        try:
-            async with asyncio.timeout(
-                self.settings.checkpoint_timeout if timeout is None else timeout
-            ):
-                marks = {src: await fut for src, fut in waits.items()}
-            if on_marked is not None:
-                on_marked(marks)
-            return marks
-        except TimeoutError:
-            # (The timeout cancelled the future it interrupted: that one is late too.)
-            late = [src for src, fut in waits.items() if not fut.done() or fut.cancelled()]
-            raise CheckpointError(f"vpg {vpg}: no MARKED from {late} in time") from None
-        finally:
-            for s in sessions:
-                s.end_hold(request)
-            held = time.perf_counter() - start
-            self._hold_times.append(held)
-            log.debug(
-                "vpg=%s event=checkpoint-hold request=%d hold_ms=%.3f", vpg, request, held * 1e3
-            )
+        hold_timeout = self.settings.checkpoint_timeout if timeout is None else timeout
+        cut_wait = self.settings.cut_timeout if cut_timeout is None else cut_timeout
+        async with self._cut_locks.setdefault(vpg, asyncio.Lock()):
+            live = {src: s for (v, src), s in self._sessions.items() if v == vpg}
+            wanted = sorted(live if sources is None else set(sources))
+            missing = [s for s in wanted if s not in live]
+            if not wanted or missing:
+                raise CheckpointError(f"vpg {vpg}: sources not connected: {missing or 'none'}")
+            request = next(self._request_ids)
+            sessions = [live[s] for s in wanted]
+            start = time.perf_counter()
+            waits = {s.stats.source: s.begin_hold(request) for s in sessions}
+            released = False
+            try:
+                try:
+                    async with asyncio.timeout(hold_timeout):
+                        for w in waits.values():
+                            await asyncio.shield(w.marked)
+                except TimeoutError:
+                    late = [src for src, w in waits.items() if not w.marked.done()]
+                    raise CheckpointError(f"vpg {vpg}: no MARKED from {late} in time") from None
+                finally:
+                    self._release(vpg, request, sessions, start)
+                    released = True
+                try:
+                    async with asyncio.timeout(cut_wait):
+                        marks = {src: await asyncio.shield(w.reached) for src, w in waits.items()}
+                except TimeoutError:
+                    late = [src for src, w in waits.items() if not w.reached.done()]
+                    raise CheckpointError(f"vpg {vpg}: marks of {late} not in time") from None
+                if on_cut is not None:
+                    on_cut(marks)
+                return marks
+            finally:
+                if not released:
+                    self._release(vpg, request, sessions, start)
+                for s in sessions:
+                    s.end_request(request)
+
+    def _release(self, vpg: str, request: int, sessions: list[_Session], start: float) -> None:
+        for s in sessions:
+            s.release(request)
+        held = time.perf_counter() - start
+        self._hold_times.append(held)
+        log.debug("vpg=%s event=checkpoint-hold request=%d hold_ms=%.3f", vpg, request, held * 1e3)
 
     def hold_times(self) -> list[float]:
         """Recent checkpoint hold durations (HOLD sent to RELEASE sent), seconds, oldest first."""

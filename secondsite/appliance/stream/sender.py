@@ -12,9 +12,11 @@ an ERROR from the receiver, or a receiver silent for ``peer_timeout``). Each con
    the connection, so a resume never loses one; the receiver skips anything at or below its
    position, so a resend never applies one twice.
 4. HOLD(id) calls ``on_hold(id)``: the caller holds acks to its writers, appends a
-   CHECKPOINT_MARK for ``id`` to the buffer and returns its seq. MARKED(id, seq) is sent once the
-   mark record itself has been sent. RELEASE(id) calls ``on_release(id)``. A hold the receiver does
-   not release within ``hold_timeout`` (or whose connection is lost) is released here, and logged.
+   CHECKPOINT_MARK for ``id`` to the buffer and returns its seq (``on_hold`` must not leave a hold
+   behind if it raises). MARKED(id, seq) goes out at once, ahead of any DATA still queued, so a
+   hold lasts a round trip however far behind the stream is. RELEASE(id) calls
+   ``on_release(id)``. A hold the receiver does not release within ``hold_timeout`` (or whose
+   connection is lost) is released here, and logged.
 
 Metrics (:meth:`StreamSender.metrics`): bytes written by the workload against bytes on the wire,
 durable seq, lag in records, bytes and seconds (the age of the oldest unacknowledged record: the
@@ -235,7 +237,7 @@ class StreamSender:
         self.bandwidth = bandwidth
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self._control: list[tuple[int, Frame]] = []
+        self._control: list[Frame] = []
         self._holds: dict[int, _Hold] = {}
         self._side_tasks: set[asyncio.Task[Any]] = set()
         self._hold_seconds: list[float] = []
@@ -488,24 +490,15 @@ class StreamSender:
         self._c["frames_sent"] += 1
         self._last_write = time.monotonic()
 
-    def _queue_control(self, frame: Frame, after_seq: int = 0) -> None:
-        """Send ``frame`` once every record up to ``after_seq`` has been sent."""
-        self._control.append((after_seq, frame))
+    def _queue_control(self, frame: Frame) -> None:
+        """Send ``frame`` ahead of the next DATA frame."""
+        self._control.append(frame)
         self._wake.set()
 
     def _send_control(self, writer: asyncio.StreamWriter) -> None:
-        if not self._ready_control():
-            return
-        waiting: list[tuple[int, Frame]] = []
-        for after, frame in self._control:
-            if after <= self.sent_seq:
-                self._write(writer, encode(frame))
-            elif after < self.buffer.first_seq and isinstance(frame, Marked):
-                # The mark was spilled (buffer overflow) before it was sent: no cut here.
-                self._write(writer, encode(HoldFailed(frame.request, "mark dropped by a spill")))
-            else:
-                waiting.append((after, frame))
-        self._control = waiting
+        control, self._control = self._control, []
+        for frame in control:
+            self._write(writer, encode(frame))
 
     async def _write_loop(self, writer: asyncio.StreamWriter) -> None:
         s = self.settings
@@ -520,7 +513,7 @@ class StreamSender:
                     records = buf.after(self.sent_seq, s.batch_bytes, s.batch_records)
             if not records:
                 self._wake.clear()
-                if buf.unacked_since(self.sent_seq) or self._ready_control():
+                if buf.unacked_since(self.sent_seq) or self._control:
                     continue
                 idle = s.heartbeat_interval - (time.monotonic() - self._last_write)
                 if idle <= 0:
@@ -540,10 +533,6 @@ class StreamSender:
             self._c["records_sent"] += len(records)
             self._c["payload_bytes_sent"] += sum(len(r.payload) for r in records)
             await writer.drain()
-
-    def _ready_control(self) -> bool:
-        first = self.buffer.first_seq
-        return any(after <= self.sent_seq or after < first for after, _ in self._control)
 
     async def _encode(self, records: list[Record]) -> bytes:
         s = self.settings
@@ -609,7 +598,13 @@ class StreamSender:
         hold.timer = asyncio.get_running_loop().call_later(
             self.settings.hold_timeout, self._expire, request
         )
-        self._queue_control(Marked(request, seq), after_seq=seq)
+        if self.sent_seq < seq < self.buffer.first_seq:
+            # Spilled (the buffer overflowed) before it was sent: it will never arrive.
+            self._queue_control(HoldFailed(request, "mark dropped by a spill"))
+        else:
+            # At once, not after the mark record: the hold need only last until every source
+            # has marked; the receiver keeps the cut itself in order (its barrier).
+            self._queue_control(Marked(request, seq))
 
     def _release(self, request: int) -> None:
         hold = self._holds.get(request)

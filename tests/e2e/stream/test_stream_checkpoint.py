@@ -3,7 +3,7 @@
 The fidelity test is the oracle of guarantee 2 across two senders: a workload whose every write
 depends on the previous one (issued only once the previous is acknowledged) alternates between
 two sources; every cut must contain a prefix of that chain, both as the sources' marks define it
-and as a sink that journals sources into one order sees it at ``on_marked``.
+and as a sink that journals sources into one order sees it at ``on_cut``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from conftest import Rig
 from stream_harness import KiB, MiB, Source, assert_replicated
 
 from secondsite.appliance.stream import (
+    BandwidthLimiter,
     CheckpointError,
     MemorySink,
     Record,
@@ -65,19 +66,23 @@ async def test_two_senders_give_their_marks(rig: Rig) -> None:
     rng = random.Random(1)
     work = asyncio.gather(a.random_workload(rng, 1500), b.random_workload(rng, 1500))
     results: list[dict[str, int]] = []
+    cuts: list[dict[str, int]] = []
 
-    def on_marked(marks: Mapping[str, int]) -> None:
-        for src, seq in marks.items():  # every mark reached the sink before the cut is marked
-            assert sink.submitted[src] >= seq
+    def on_cut(marks: Mapping[str, int]) -> None:
+        # Every source's mark is the last record the sink got from it: nothing after a mark
+        # was submitted before the cut.
+        assert {src: sink.submitted[src] for src in marks} == marks
+        cuts.append(dict(marks))
 
     for _ in range(20):
-        results.append(await rx.request_checkpoint("vpg-a", on_marked=on_marked))
+        results.append(await rx.request_checkpoint("vpg-a", on_cut=on_cut))
         await asyncio.sleep(0.005)
     await work
     await a.flushed()
     await b.flushed()
     assert_replicated(a, sink)
     assert_replicated(b, sink)
+    assert cuts == results
     for src in (a, b):
         assert len(src.holds) == len(src.releases) == 20  # every hold released
         marks = {seq for seq, _ in sink.state.marks[src.name]}
@@ -108,7 +113,7 @@ async def test_write_order_fidelity_across_two_sources(rig: Rig) -> None:
 
     cuts: list[tuple[dict[str, int], dict[str, int]]] = []
 
-    def on_marked(marks: Mapping[str, int]) -> None:
+    def on_cut(marks: Mapping[str, int]) -> None:
         cuts.append((dict(marks), dict(sink.submitted)))
 
     writer = asyncio.create_task(dependent_writes())
@@ -118,7 +123,7 @@ async def test_write_order_fidelity_across_two_sources(rig: Rig) -> None:
             # or the chain goes on there and then on the late one, before its mark.
             (a if i % 2 else b).hold_delay, (b if i % 2 else a).hold_delay = 0.005, 0.0
             await asyncio.sleep(0.01)
-            await rx.request_checkpoint("vpg-a", on_marked=on_marked)
+            await rx.request_checkpoint("vpg-a", on_cut=on_cut)
     finally:
         stop.set()
         await writer
@@ -133,11 +138,9 @@ async def test_write_order_fidelity_across_two_sources(rig: Rig) -> None:
 
     sizes = []
     for marks, journaled in cuts:
-        # The cut as the marks define it, and as a sink journaling both sources sees it.
-        by_marks = prefix_length([seq < marks[src] for src, seq in chain])
-        by_journal = prefix_length([seq <= journaled.get(src, 0) for src, seq in chain])
-        assert by_marks <= by_journal
-        sizes.append(by_marks)
+        # The cut as the marks define it is what a sink journaling both sources has at on_cut.
+        assert journaled == marks
+        sizes.append(prefix_length([seq < marks[src] for src, seq in chain]))
     assert sizes == sorted(sizes) and 0 < sizes[len(sizes) // 2] < len(chain)
 
 
@@ -281,3 +284,29 @@ async def test_a_mark_spilled_before_it_was_sent_fails_the_cut(rig: Rig) -> None
     assert sink.state.marks == {}
     await asyncio.sleep(0.05)
     assert src.releases == [1]
+
+
+async def test_the_hold_does_not_wait_for_the_backlog(rig: Rig) -> None:
+    """Over a slow link with a second of backlog, sources hold their acks for a round trip
+    only; the cut itself completes once the backlog up to the marks has arrived."""
+    sink = OrderingSink()
+    rx, port = await rig.receiver({"vpg-a": sink})
+    limiter = BandwidthLimiter(8 * MiB)
+    conn = tcp_connector("127.0.0.1", port)
+    a = rig.source("node-a", conn, settings=FAST, bandwidth=limiter.flow("a"), volumes={"a": MiB})
+    b = rig.source("node-b", conn, settings=FAST, volumes={"b": MiB})
+    a.write(0, 0, b"x")
+    b.write(0, 0, b"y")
+    await a.flushed()
+    await b.flushed()
+    for i in range(128):
+        a.write(0, (i % 16) * 64 * KiB, bytes(64 * KiB))  # 8 MiB: a second at 8 MiB/s
+    cuts: list[dict[str, int]] = []
+    start = time.monotonic()
+    marks = await rx.request_checkpoint("vpg-a", on_cut=lambda m: cuts.append(dict(m)))
+    took = time.monotonic() - start
+    [hold] = rx.hold_times()
+    assert hold < 0.1 and took > 0.5
+    assert cuts == [marks] and marks["node-a"] == a.buffer.last_seq
+    assert a.releases == b.releases == [1]
+    await a.flushed()
