@@ -140,8 +140,9 @@ class SenderSettings:
     hold_timeout: float = 10.0
     """Seconds a checkpoint hold may last before it is released here."""
     max_body: int = MAX_BODY
-    write_buffer_high: int = 4 * 1024 * 1024
-    """Unsent bytes in the socket's buffer above which the sender waits (bounded memory)."""
+    write_buffer_high: int = 1024 * 1024
+    """Unsent bytes in the socket's buffer above which the sender waits (bounded memory). Kept
+    small: control frames (MARKED) queue behind these bytes."""
 
 
 @dataclass
@@ -237,7 +238,8 @@ class StreamSender:
         self.bandwidth = bandwidth
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self._control: list[Frame] = []
+        self._writer: asyncio.StreamWriter | None = None
+        """The current connection's writer, once welcomed (control frames go straight to it)."""
         self._holds: dict[int, _Hold] = {}
         self._side_tasks: set[asyncio.Task[Any]] = set()
         self._hold_seconds: list[float] = []
@@ -361,7 +363,7 @@ class StreamSender:
                 finally:
                     self.connected = False
                     self._release_all("connection lost")
-                    self._control.clear()
+                    self._writer = None
                     writer.close()
                     with contextlib.suppress(Exception):
                         async with asyncio.timeout(1.0):
@@ -392,6 +394,7 @@ class StreamSender:
         if not isinstance(first, Welcome):
             raise ProtocolError(f"expected WELCOME, got {type(first).__name__.upper()}")
         self._welcome(first.position)
+        self._writer = writer
         self.connected = True
         self._c["sessions"] += 1
         loop = asyncio.get_running_loop()
@@ -490,30 +493,25 @@ class StreamSender:
         self._c["frames_sent"] += 1
         self._last_write = time.monotonic()
 
-    def _queue_control(self, frame: Frame) -> None:
-        """Send ``frame`` ahead of the next DATA frame."""
-        self._control.append(frame)
-        self._wake.set()
-
-    def _send_control(self, writer: asyncio.StreamWriter) -> None:
-        control, self._control = self._control, []
-        for frame in control:
-            self._write(writer, encode(frame))
+    def _send_control(self, frame: Frame) -> None:
+        """Send ``frame`` now, between DATA frames (each is written whole, so none is split);
+        without a connection it is dropped, as is the request it answers."""
+        if self._writer is not None and not self._writer.is_closing():
+            self._write(self._writer, encode(frame))
 
     async def _write_loop(self, writer: asyncio.StreamWriter) -> None:
         s = self.settings
         buf = self.buffer
         while True:
-            self._send_control(writer)
             records = buf.after(self.sent_seq, s.batch_bytes, s.batch_records)
-            if records and s.linger > 0 and not self._control:
+            if records and s.linger > 0:
                 size = sum(len(r.payload) for r in records)
                 if size < s.batch_bytes // 2 and len(records) < s.batch_records:
                     await asyncio.sleep(s.linger)
                     records = buf.after(self.sent_seq, s.batch_bytes, s.batch_records)
             if not records:
                 self._wake.clear()
-                if buf.unacked_since(self.sent_seq) or self._control:
+                if buf.unacked_since(self.sent_seq):
                     continue
                 idle = s.heartbeat_interval - (time.monotonic() - self._last_write)
                 if idle <= 0:
@@ -576,7 +574,7 @@ class StreamSender:
         if request in self._holds:
             return
         if self.on_hold is None:
-            self._queue_control(HoldFailed(request, "this source takes no checkpoints"))
+            self._send_control(HoldFailed(request, "this source takes no checkpoints"))
             return
         hold = self._holds[request] = _Hold(time.perf_counter())
         self._c["holds"] += 1
@@ -589,7 +587,7 @@ class StreamSender:
         except Exception as e:
             self._holds.pop(request, None)
             self._log(logging.WARNING, "hold-failed", request=request, error=repr(e))
-            self._queue_control(HoldFailed(request, f"{type(e).__name__}: {e}"))
+            self._send_control(HoldFailed(request, f"{type(e).__name__}: {e}"))
             return
         hold.marked = True
         if hold.release_requested or self._holds.get(request) is not hold:
@@ -600,11 +598,11 @@ class StreamSender:
         )
         if self.sent_seq < seq < self.buffer.first_seq:
             # Spilled (the buffer overflowed) before it was sent: it will never arrive.
-            self._queue_control(HoldFailed(request, "mark dropped by a spill"))
+            self._send_control(HoldFailed(request, "mark dropped by a spill"))
         else:
             # At once, not after the mark record: the hold need only last until every source
             # has marked; the receiver keeps the cut itself in order (its barrier).
-            self._queue_control(Marked(request, seq))
+            self._send_control(Marked(request, seq))
 
     def _release(self, request: int) -> None:
         hold = self._holds.get(request)
