@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -78,7 +78,6 @@ class ProtectedBuffer:
         self._first = first
         self._next = first
         self._used = 0
-        self._grown = asyncio.Event()
         self._acked = asyncio.Event()
         self._listeners: list[Callable[[], None]] = []
         self.acked_seq = first - 1
@@ -123,7 +122,6 @@ class ProtectedBuffer:
             self._next += 1
         self._used += cost
         self.appended_records += len(pieces)
-        self._grown.set()
         for listener in self._listeners:
             listener()
         return self._next - 1
@@ -189,12 +187,6 @@ class ProtectedBuffer:
             out.append(r)
             size += len(r.payload)
         return out
-
-    async def wait_beyond(self, seq: int) -> None:
-        """Return once a record numbered above ``seq`` is (or was) appended."""
-        while self.last_seq <= seq:
-            self._grown.clear()
-            await self._grown.wait()
 
     def ack(self, seq: int) -> int:
         """The recovery side has every record up to ``seq`` durably: free them. Returns how many."""
@@ -393,8 +385,3 @@ class DirtyMap:
     def clear(self) -> None:
         self._map[:] = False
         self._dirty = 0
-
-
-def spill_targets(sizes: Iterable[int], region_size: int = 64 * 1024) -> dict[int, DirtyMap]:
-    """One empty :class:`DirtyMap` per volume index, for a volume table given as sizes."""
-    return {i: DirtyMap(size, region_size) for i, size in enumerate(sizes)}

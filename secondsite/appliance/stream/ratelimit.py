@@ -80,7 +80,7 @@ class BandwidthLimiter:
         self._virtual = 0.0
         self._heap: list[_Waiter] = []
         self._order = itertools.count()
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
 
     def flow(self, name: str, priority: Priority = Priority.MEDIUM) -> Flow:
         return Flow(self, name, priority)
@@ -118,22 +118,28 @@ class BandwidthLimiter:
         await fut  # a waiter cancelled in the queue is skipped by _dispatch
 
     def _dispatch(self) -> None:
+        """Grant the waiter with the smallest start tag, if tokens allow; then come back.
+
+        One grant per event-loop turn, even with tokens to spare (after an idle spell or a late
+        wakeup): the flow just served gets to queue its next request, with its next tag, before
+        the next grant. Granting every waiter at once would share a burst equally, not by weight.
+        """
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self._refill()
-        while self._heap:
-            w = self._heap[0]
-            if w.future.done():  # cancelled while waiting
-                heapq.heappop(self._heap)
-                continue
-            if self._rate is not None and self._tokens < 0:
-                break
+        while self._heap and self._heap[0].future.done():  # cancelled while waiting
             heapq.heappop(self._heap)
-            self._virtual = w.start
-            if self._rate is not None:
-                self._tokens -= w.nbytes
-            w.future.set_result(None)
-        if self._heap and self._rate is not None:
-            delay = -self._tokens / self._rate
-            self._timer = asyncio.get_running_loop().call_later(delay, self._dispatch)
+        if not self._heap:
+            return
+        loop = asyncio.get_running_loop()
+        if self._rate is not None and self._tokens < 0:
+            self._timer = loop.call_later(-self._tokens / self._rate, self._dispatch)
+            return
+        w = heapq.heappop(self._heap)
+        self._virtual = w.start
+        if self._rate is not None:
+            self._tokens -= w.nbytes
+        w.future.set_result(None)
+        if self._heap:
+            self._timer = loop.call_soon(self._dispatch)

@@ -186,15 +186,17 @@ def test_renumber_after_a_receiver_that_is_ahead() -> None:
     assert buf.renumber_after(1000, sent=999) == 0  # nothing at or below the position
 
 
-async def test_waiters_wake_on_append_and_ack() -> None:
+async def test_listeners_and_ack_waiters_wake() -> None:
     buf = ProtectedBuffer(MiB, first_seq=1)
-    beyond = asyncio.create_task(buf.wait_beyond(0))
+    calls: list[int] = []
+    buf.add_listener(lambda: calls.append(buf.last_seq))
     acked = asyncio.create_task(buf.wait_acked(2))
     await asyncio.sleep(0)
-    assert not beyond.done()
     buf.append_write(0, 0, b"x")
+    with pytest.raises(BufferFull):
+        buf.append_write(0, 0, b"x" * 3 * MiB)  # does not fit: no call
     buf.append_write(0, 0, b"x")
-    await asyncio.wait_for(beyond, 1)
+    assert calls == [1, 2]
     buf.ack(1)
     await asyncio.sleep(0)
     assert not acked.done()
@@ -234,7 +236,11 @@ def test_take_batch_limits_merges_and_clears() -> None:
 def test_take_batch_returns_at_least_one_region() -> None:
     m = DirtyMap(MiB)
     m.mark_all()
+    assert m.dirty_bytes == MiB
     assert m.take_batch(1) == [(0, 64 * KiB)]
+    assert not m.is_dirty(0, 64 * KiB) and m.is_dirty(64 * KiB - 1, 2)
+    m.clear()
+    assert m.dirty_regions == 0 and not m.is_dirty(0, MiB)
 
 
 @settings(max_examples=60, deadline=None)
