@@ -226,7 +226,7 @@ def print_table(rows: list[tuple[Load, dict[str, list[Result]]]]) -> None:
         base = statistics.median(r.value for r in results["qemu-nbd"])
         ours = statistics.median(r.value for r in results["appliance"])
         ratio = ours / base
-        stats = [r.stats for r in results["appliance"] if r.stats]
+        stats = [r.stats for r in results["appliance"] if r.stats.get("hold")]
         holds = "-"
         batching = "-"
         if stats:
