@@ -17,9 +17,7 @@ from typing import Any
 import pytest
 import uvloop
 from stream_certs import Pki, make_pki
-from stream_harness import FaultProxy, Source
-
-from secondsite.appliance.stream import MemorySink, ReceiverSettings, StreamReceiver
+from stream_harness import Rig
 
 
 def pytest_asyncio_loop_factories(
@@ -42,52 +40,6 @@ def loop_errors() -> Iterator[list[dict[str, Any]]]:
     errors: list[dict[str, Any]] = []
     yield errors
     assert not errors, f"unhandled exceptions in the event loop: {errors}"
-
-
-class Rig:
-    """Builds receivers, proxies and sources for one test, and closes them all afterwards."""
-
-    def __init__(self) -> None:
-        self.receivers: list[StreamReceiver] = []
-        self.proxies: list[FaultProxy] = []
-        self.sources: list[Source] = []
-
-    async def receiver(
-        self,
-        sinks: dict[str, MemorySink],
-        settings: ReceiverSettings | None = None,
-        port: int = 0,
-        **kw: Any,
-    ) -> tuple[StreamReceiver, int]:
-        rx = StreamReceiver(
-            sinks.get,
-            settings or ReceiverSettings(idle_timeout=2.0, heartbeat_interval=0.2),
-            **kw,
-        )
-        self.receivers.append(rx)
-        _, bound = await rx.listen("127.0.0.1", port)
-        return rx, bound
-
-    async def proxy(self, port: int) -> tuple[FaultProxy, int]:
-        p = FaultProxy(("127.0.0.1", port))
-        self.proxies.append(p)
-        _, bound = await p.start()
-        return p, bound
-
-    def source(self, *args: Any, start: bool = True, **kw: Any) -> Source:
-        src = Source(*args, **kw)
-        self.sources.append(src)
-        if start:
-            src.sender.start()
-        return src
-
-    async def close(self) -> None:
-        for s in self.sources:
-            await s.sender.close()
-        for p in self.proxies:
-            await p.close()
-        for r in self.receivers:
-            await r.close()
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 from secondsite.appliance.stream import (
     BufferFull,
@@ -14,7 +15,9 @@ from secondsite.appliance.stream import (
     DirtyMap,
     MemorySink,
     ProtectedBuffer,
+    ReceiverSettings,
     SenderSettings,
+    StreamReceiver,
     StreamSender,
 )
 from secondsite.appliance.stream.ratelimit import Flow
@@ -309,3 +312,49 @@ def records_of(sink: MemorySink, source: str) -> list[int]:
 def mark_seqs(sink: MemorySink, source: str) -> dict[int, int]:
     """request id -> seq of its mark, as the sink got them."""
     return {req: seq for seq, req in sink.state.marks.get(source, [])}
+
+
+class Rig:
+    """Builds receivers, proxies and sources for one test, and closes them all afterwards."""
+
+    def __init__(self) -> None:
+        self.receivers: list[StreamReceiver] = []
+        self.proxies: list[FaultProxy] = []
+        self.sources: list[Source] = []
+
+    async def receiver(
+        self,
+        sinks: dict[str, MemorySink],
+        settings: ReceiverSettings | None = None,
+        port: int = 0,
+        **kw: Any,
+    ) -> tuple[StreamReceiver, int]:
+        rx = StreamReceiver(
+            sinks.get,
+            settings or ReceiverSettings(idle_timeout=2.0, heartbeat_interval=0.2),
+            **kw,
+        )
+        self.receivers.append(rx)
+        _, bound = await rx.listen("127.0.0.1", port)
+        return rx, bound
+
+    async def proxy(self, port: int) -> tuple[FaultProxy, int]:
+        p = FaultProxy(("127.0.0.1", port))
+        self.proxies.append(p)
+        _, bound = await p.start()
+        return p, bound
+
+    def source(self, *args: Any, start: bool = True, **kw: Any) -> Source:
+        src = Source(*args, **kw)
+        self.sources.append(src)
+        if start:
+            src.sender.start()
+        return src
+
+    async def close(self) -> None:
+        for s in self.sources:
+            await s.sender.close()
+        for p in self.proxies:
+            await p.close()
+        for r in self.receivers:
+            await r.close()

@@ -7,7 +7,7 @@ import asyncio
 import time
 
 import pytest
-from conftest import Rig
+from stream_harness import Rig
 
 from secondsite.appliance.stream import (
     BandwidthLimiter,

@@ -16,8 +16,7 @@ import time
 from collections.abc import Mapping
 
 import pytest
-from conftest import Rig
-from stream_harness import KiB, MiB, Source, assert_replicated
+from stream_harness import KiB, MiB, Rig, Source, assert_replicated
 
 from secondsite.appliance.stream import (
     BandwidthLimiter,

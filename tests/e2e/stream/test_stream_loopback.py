@@ -9,8 +9,7 @@ import os
 import random
 
 import pytest
-from conftest import Rig
-from stream_harness import KiB, MiB, assert_replicated
+from stream_harness import KiB, MiB, Rig, assert_replicated
 
 from secondsite.appliance.stream import (
     MemorySink,

@@ -10,9 +10,8 @@ import ssl
 from typing import Any
 
 import pytest
-from conftest import Rig
 from stream_certs import Pki
-from stream_harness import assert_replicated
+from stream_harness import Rig, assert_replicated
 
 from secondsite.appliance.stream import (
     MemorySink,
