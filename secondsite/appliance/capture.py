@@ -1,17 +1,23 @@
-"""Capture: the NBD exports through which every write of a protected volume reaches the journal.
+"""Capture: the NBD exports through which every write of a protected volume reaches its VPG.
+
+A capture export submits each change to a :class:`WriteTarget`: the VPG's :class:`Journal` when the
+VPG is journaled on this appliance, or the protected buffer of the replication stream
+(`protected.py`) when it is replicated to another appliance. ``submit_*`` fixes the change's place
+in the VPG's order synchronously, in arrival order; awaiting the result is the target's word that
+the change may be acknowledged (journal: the record is durable; protected buffer: the record is
+buffered and no checkpoint cut holds acks).
 
 Two modes (see `config.CaptureMode`):
 
 - :class:`InPathExport` serves the volume itself from its backing store. A write is submitted to
-  the journal (which fixes its sequence number in arrival order) and written to the backing store
-  at the same time; the client gets its ack once both are done and the journal record is durable.
-  FUA and FLUSH reach the backing store.
+  the target and written to the backing store at the same time; the client gets its ack once
+  both are done. FUA and FLUSH reach the backing store.
 - :class:`MirrorTargetExport` is the target of a hypervisor's active mirror. It keeps no copy of the
-  source: a write is acked once its journal record is durable. Reads (rare for a mirror target)
-  are served from the journal's latest view.
+  source: a write is acked once the target took it. Reads (rare for a mirror target) are served
+  from the journal's latest view, when the VPG has a journal here.
 
-Both defer to the journal's ack hold: while a checkpoint's cut is being marked, new writes become
-durable but are not acknowledged, which is what makes a checkpoint a prefix of the acked writes.
+Both defer to the target's ack hold: while a checkpoint's cut is being marked, new writes are taken
+but not acknowledged, which is what makes a checkpoint a prefix of the acked writes.
 
 :class:`RegionGuard` keeps a resync (initial or delta sync of an in-path volume) from racing
 concurrent writes: the copier claims a window, waits for writes in flight over it, reads the
@@ -23,7 +29,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
+from typing import Protocol
 
 from secondsite.appliance.journal import (
     FailoverStateError,
@@ -32,13 +39,12 @@ from secondsite.appliance.journal import (
     JournalError,
     JournalIOError,
     OutOfRangeError,
-    PendingAppend,
     PitImage,
 )
 from secondsite.appliance.nbd.export import BlockSizes, BytesLike, Export, Extent, NBDError
 from secondsite.appliance.nbd.file import FileExport
 
-__all__ = ["InPathExport", "MirrorTargetExport", "RegionGuard", "journal_error"]
+__all__ = ["InPathExport", "MirrorTargetExport", "RegionGuard", "WriteTarget", "journal_error"]
 
 _LATEST_IDLE_SECONDS = 5.0
 
@@ -54,6 +60,21 @@ def journal_error(exc: JournalError, operation: str) -> NBDError:
     if isinstance(exc, JournalIOError):
         return NBDError(errno.EIO, f"{operation}: {exc}")
     return NBDError(errno.EIO, f"{operation}: {exc}")
+
+
+class WriteTarget(Protocol):
+    """What a capture export submits changes to (see the module docstring). Each method fixes the
+    change's order when called and may raise :class:`JournalError` or :class:`NBDError` at once;
+    the awaitable raises them too if the change cannot be acknowledged. ``data`` must stay
+    unchanged until the awaitable completes. :class:`Journal` is one."""
+
+    def submit_write(
+        self, volume: str, offset: int, data: bytes | memoryview
+    ) -> Awaitable[None]: ...
+
+    def submit_zero(self, volume: str, offset: int, length: int) -> Awaitable[None]: ...
+
+    def submit_trim(self, volume: str, offset: int, length: int) -> Awaitable[None]: ...
 
 
 def _view(data: BytesLike) -> bytes | memoryview:
@@ -108,11 +129,11 @@ class RegionGuard:
 
 
 class _CaptureExport(Export):
-    """What both capture modes share: the journal, the volume's name, and the region guard."""
+    """What both capture modes share: the write target, the volume's name, and the region guard."""
 
-    def __init__(self, name: str, journal: Journal, size: int) -> None:
+    def __init__(self, name: str, target: WriteTarget, size: int) -> None:
         self.name = name
-        self.journal = journal
+        self.target = target
         self._size = size
         self.guard = RegionGuard()
         self.writes = 0
@@ -133,7 +154,8 @@ class _CaptureExport(Export):
 
     @property
     def can_multi_conn(self) -> bool:
-        # Acks mean durable in the journal, and the backing store has no per-connection cache.
+        # Acks mean the target took the change, and the backing store has no per-connection
+        # cache.
         return True
 
     @property
@@ -147,10 +169,11 @@ class _CaptureExport(Export):
 
 
 class InPathExport(_CaptureExport):
-    """Serves the volume from its backing store and journals every change before acking it."""
+    """Serves the volume from its backing store and hands every change to the target before
+    acking it."""
 
-    def __init__(self, name: str, journal: Journal, backing: FileExport) -> None:
-        super().__init__(name, journal, backing.size)
+    def __init__(self, name: str, target: WriteTarget, backing: FileExport) -> None:
+        super().__init__(name, target, backing.size)
         self.backing = backing
 
     @property
@@ -165,7 +188,7 @@ class InPathExport(_CaptureExport):
         token = await self.guard.enter_write(offset, end)
         try:
             try:
-                pending = self.journal.submit_write(self.name, offset, _view(data))
+                pending = self.target.submit_write(self.name, offset, _view(data))
             except JournalError as e:
                 raise journal_error(e, "write") from e
             await self.backing.write(offset, data, fua=fua)
@@ -180,7 +203,7 @@ class InPathExport(_CaptureExport):
         token = await self.guard.enter_write(offset, offset + length)
         try:
             try:
-                pending = self.journal.submit_zero(self.name, offset, length)
+                pending = self.target.submit_zero(self.name, offset, length)
             except JournalError as e:
                 raise journal_error(e, "write zeroes") from e
             await self.backing.write_zeroes(offset, length, fua=fua, may_trim=may_trim, fast=fast)
@@ -193,7 +216,7 @@ class InPathExport(_CaptureExport):
         token = await self.guard.enter_write(offset, offset + length)
         try:
             try:
-                pending = self.journal.submit_trim(self.name, offset, length)
+                pending = self.target.submit_trim(self.name, offset, length)
             except JournalError as e:
                 raise journal_error(e, "trim") from e
             await self.backing.trim(offset, length)
@@ -208,7 +231,7 @@ class InPathExport(_CaptureExport):
     async def block_status(self, offset: int, length: int) -> Sequence[Extent]:
         return await self.backing.block_status(offset, length)
 
-    async def _durable(self, pending: PendingAppend, operation: str) -> None:
+    async def _durable(self, pending: Awaitable[None], operation: str) -> None:
         try:
             await pending
         except JournalError as e:
@@ -216,10 +239,17 @@ class InPathExport(_CaptureExport):
 
 
 class MirrorTargetExport(_CaptureExport):
-    """The target of an active mirror: journals every write and acks it once durable."""
+    """The target of an active mirror: hands every write to the target and acks it once taken.
 
-    def __init__(self, name: str, journal: Journal, size: int) -> None:
-        super().__init__(name, journal, size)
+    ``journal`` (the VPG's, when it has one here) serves reads; without one, reads fail: the
+    appliance keeps no copy of a replicated mirror target's data.
+    """
+
+    def __init__(
+        self, name: str, target: WriteTarget, size: int, journal: Journal | None = None
+    ) -> None:
+        super().__init__(name, target, size)
+        self.journal = journal
         self._latest: PitImage | None = None
         self._latest_used = 0.0
         self._latest_lock = asyncio.Lock()
@@ -229,6 +259,12 @@ class MirrorTargetExport(_CaptureExport):
         return f"SecondSite mirror target for volume {self.name}"
 
     async def read(self, offset: int, length: int) -> BytesLike:
+        if self.journal is None:
+            raise NBDError(
+                errno.EIO,
+                "read: this appliance keeps no copy of the mirror target (the source is the "
+                "hypervisor's disk; the replica is on the recovery appliance)",
+            )
         async with self._latest_lock:
             if self._latest is None:
                 try:
@@ -253,7 +289,7 @@ class MirrorTargetExport(_CaptureExport):
 
     async def write(self, offset: int, data: BytesLike, *, fua: bool) -> None:
         try:
-            pending = self.journal.submit_write(self.name, offset, _view(data))
+            pending = self.target.submit_write(self.name, offset, _view(data))
             await pending
         except JournalError as e:
             raise journal_error(e, "write") from e
@@ -263,7 +299,7 @@ class MirrorTargetExport(_CaptureExport):
         self, offset: int, length: int, *, fua: bool, may_trim: bool, fast: bool = False
     ) -> None:
         try:
-            pending = self.journal.submit_zero(self.name, offset, length)
+            pending = self.target.submit_zero(self.name, offset, length)
             await pending
         except JournalError as e:
             raise journal_error(e, "write zeroes") from e
@@ -271,11 +307,11 @@ class MirrorTargetExport(_CaptureExport):
 
     async def trim(self, offset: int, length: int) -> None:
         try:
-            pending = self.journal.submit_trim(self.name, offset, length)
+            pending = self.target.submit_trim(self.name, offset, length)
             await pending
         except JournalError as e:
             raise journal_error(e, "trim") from e
 
     async def flush(self) -> None:
-        # Every acknowledged write is already durable in the journal: nothing is cached here.
+        # Every acknowledged write is already with the target: nothing is cached here.
         return None

@@ -3,6 +3,7 @@
 | export name                | what                                                            |
 |----------------------------|-----------------------------------------------------------------|
 | `<volume>`                 | the volume's capture export (in-path or mirror target)          |
+|                            | of a journaled or a protected (replicated) VPG                  |
 | `pit/<volume>@<which>`     | read-only image of the volume at a checkpoint                   |
 | `test/<volume>@<which>`    | writable image over a scratch overlay, dropped on disconnect    |
 | `image/<id>`               | an image created through the control API, open until deleted   |
@@ -13,12 +14,16 @@ replica or the journal; replication goes on while they are open. Each client con
 own image (and its own scratch overlay), closed when the connection ends. An `image/<id>` is the
 exception: the appliance keeps it open (pinned) until the control API deletes it, and every
 connection to it shares it, scratch overlay included.
+
+Images resolve against every journal of the appliance: the journals of local VPGs and those fed by
+replication streams.
 """
 
 from __future__ import annotations
 
 import errno
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,7 +37,10 @@ from secondsite.appliance.nbd.export import (
     NBDError,
     UnknownExport,
 )
-from secondsite.appliance.vpg import VpgRuntime
+from secondsite.appliance.vpg import JournaledVpg, VolumeRuntime
+
+if TYPE_CHECKING:
+    from secondsite.appliance.protected import ProtectedVpg
 
 __all__ = ["IMAGE_PREFIX", "ApplianceExports", "PitExport", "parse_image_name"]
 
@@ -113,19 +121,29 @@ class ApplianceExports(ExportProvider):
     """Resolves export names against the appliance's VPGs."""
 
     def __init__(
-        self, vpgs: Mapping[str, VpgRuntime], pinned: Mapping[str, PitExport] | None = None
+        self,
+        vpgs: Mapping[str, JournaledVpg],
+        pinned: Mapping[str, PitExport] | None = None,
+        protected: Mapping[str, ProtectedVpg] | None = None,
     ) -> None:
         self._vpgs = vpgs
         self._pinned: Mapping[str, PitExport] = {} if pinned is None else pinned
+        self._protected: Mapping[str, ProtectedVpg] = {} if protected is None else protected
 
-    def _owner(self, volume: str) -> VpgRuntime | None:
+    def _captured(self) -> Iterator[tuple[str, VolumeRuntime]]:
         for vpg in self._vpgs.values():
-            if volume in vpg.volumes:
+            yield from vpg.volumes.items()
+        for pvpg in self._protected.values():
+            yield from pvpg.volumes.items()
+
+    def _owner(self, volume: str) -> JournaledVpg | None:
+        for vpg in self._vpgs.values():
+            if vpg.has_volume(volume):
                 return vpg
         return None
 
     def list_exports(self) -> list[str]:
-        volumes = [name for vpg in self._vpgs.values() for name in vpg.volumes]
+        volumes = [name for name, _ in self._captured()]
         return volumes + [IMAGE_PREFIX + image_id for image_id in self._pinned]
 
     async def open_export(self, name: str) -> Export:
@@ -137,10 +155,10 @@ class ApplianceExports(ExportProvider):
             return pinned
         parsed = parse_image_name(name)
         if parsed is None:
-            vpg = self._owner(name)
-            if vpg is None:
-                raise UnknownExport(name)
-            return vpg.volumes[name].export
+            for volume, runtime in self._captured():
+                if volume == name:
+                    return runtime.export
+            raise UnknownExport(name)
         kind, volume, which = parsed
         vpg = self._owner(volume)
         if vpg is None or vpg.journal is None:

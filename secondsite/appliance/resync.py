@@ -20,6 +20,7 @@ import logging
 import time
 
 from secondsite.appliance.capture import InPathExport
+from secondsite.appliance.journal import Journal
 
 __all__ = ["ResyncProgress", "resync_in_path"]
 
@@ -54,10 +55,9 @@ class ResyncProgress:
 
 
 async def resync_in_path(
-    export: InPathExport, progress: ResyncProgress, *, fresh: bool, vpg: str = ""
+    export: InPathExport, journal: Journal, progress: ResyncProgress, *, fresh: bool, vpg: str = ""
 ) -> ResyncProgress:
     """Journal every chunk where the source differs from the journal's latest view."""
-    journal = export.journal
     view = await journal.open_latest(export.name)
     try:
         offset = 0

@@ -1,9 +1,13 @@
-"""One appliance process: its VPGs, the NBD server in front of them, and the control API.
+"""One appliance process: its VPGs, the NBD server in front of them, the replication stream, and
+the control API.
 
 `secondsite appliance --config FILE` runs :func:`main`: it reads an :class:`ApplianceConfig`, opens
-each VPG's journal, starts the NBD listeners and (with `listen.control`) the control API, and serves
-until SIGTERM or SIGINT, when it stops the control API, stops accepting NBD connections, lets
-requests in flight finish, flushes and closes every journal, and records a clean stop.
+each VPG's journal (local ones, and those fed by replication streams), starts the VPGs it protects
+for a recovery appliance, the stream listener (`listen.stream`), the NBD listeners and (with
+`listen.control`) the control API, and serves until SIGTERM or SIGINT, when it stops the control
+API, stops accepting NBD connections, lets requests in flight finish, ships what its protected
+buffers hold (bounded), lets stream records in flight become durable, flushes and closes every
+journal, and records a clean stop.
 
 The config file may name listen addresses only: the control API's `PUT /v1/config` then declares
 the VPGs and volumes (:meth:`Appliance.apply`, planned by the pure :func:`plan_apply`).
@@ -30,7 +34,7 @@ import yaml
 from pydantic import ValidationError
 
 from secondsite.appliance.capture import MirrorTargetExport
-from secondsite.appliance.config import ApplianceConfig, JournalSpec, VolumeSpec
+from secondsite.appliance.config import ApplianceConfig, JournalSpec, ProtectedVpgSpec, VolumeSpec
 from secondsite.appliance.control.auth import TokenFileError
 from secondsite.appliance.control.errors import (
     ApplyConflict,
@@ -60,7 +64,10 @@ from secondsite.appliance.journal import (
     JournalClosedError,
 )
 from secondsite.appliance.nbd.server import NBDServer, new_event_loop
-from secondsite.appliance.vpg import VpgRuntime
+from secondsite.appliance.protected import ProtectedVpg
+from secondsite.appliance.recovery import RecoveryVpg
+from secondsite.appliance.stream import BandwidthLimiter, StreamReceiver, StreamSink, server_context
+from secondsite.appliance.vpg import JournaledVpg, VpgRuntime
 
 __all__ = ["Appliance", "ImageRegistry", "PinnedImage", "load_config", "main", "plan_apply"]
 
@@ -97,6 +104,8 @@ _LIVE_JOURNAL_FIELDS = frozenset(
 
 _WHY_JOURNAL = {
     "directory": "a running VPG's journal cannot move; remove the VPG and add it again",
+    "sources": "the sources of a running journal cannot change live; remove the VPG and add it "
+    "again, or restart the appliance",
     "segmentBytes": "the segment size is fixed when the journal opens; restart the appliance",
     "scratchDirectory": "scratch overlays of open images live there; restart the appliance",
 }
@@ -120,6 +129,31 @@ def _journal_fields(j: JournalSpec) -> dict[str, object]:
     return fields
 
 
+def _protected_fields(p: ProtectedVpgSpec) -> dict[str, object]:
+    fields = p.model_dump(by_alias=True, exclude={"vpg"})
+    fields["bufferBytes"] = p.buffer_size()
+    return fields
+
+
+_RESTART_FIELDS = {
+    "name": "the appliance's name is its identity in replication streams; restart the appliance "
+    "with the new config",
+    "streamTls": "the stream's TLS material is loaded at start; restart the appliance",
+    "streamPlainTcp": "the stream's transport is chosen at start; restart the appliance",
+}
+
+
+def _appliance_fields(c: ApplianceConfig) -> dict[str, object]:
+    return {
+        "node": c.node,
+        # The name matters while protected VPGs stream under it.
+        "name": c.source_name if c.protected else None,
+        "streamTls": c.stream_tls,
+        "streamPlainTcp": c.stream_plain_tcp,
+        "bandwidthLimit": c.bandwidth_bytes(),
+    }
+
+
 def _volume_fields(v: VolumeSpec) -> dict[str, object]:
     fields = v.model_dump(by_alias=True, exclude={"name"})
     fields["size"] = v.size_bytes()
@@ -138,9 +172,11 @@ def plan_apply(
     """What applying ``desired`` over ``current`` changes, in the order it is applied.
 
     Raises :class:`ApplyConflict` listing every change that cannot be applied live: a new
-    listen section, a volume's capture/size/backing/replica/QMP settings or VPG, journal settings
-    other than retention (history, hardLimit, warningPercent), removing a volume from a VPG that
-    stays, or any change to a VPG in the middle of a failover (``failover_phases``).
+    listen section, the appliance's name or stream TLS, a volume's capture/size/backing/replica/QMP
+    settings or VPG, journal settings other than retention (history, hardLimit, warningPercent,
+    checkpoint interval), a journal's sources, a protected VPG's settings or volumes (remove and
+    add it again instead), removing a volume from a VPG that stays, or any change to a VPG in the
+    middle of a failover (``failover_phases``). The bandwidth limit changes live.
     """
     conflicts: list[Conflict] = []
     changes: list[Change] = []
@@ -152,10 +188,17 @@ def plan_apply(
                 "restart it with the new config",
             )
         )
-    if desired.node != current.node:
-        changes.append(
-            Change(kind="appliance", name="node", action=ChangeAction.CHANGED, fields=["node"])
-        )
+    old_app, new_app = _appliance_fields(current), _appliance_fields(desired)
+    for field in _diff(old_app, new_app):
+        if field == "name" and not (current.protected and desired.protected):
+            continue
+        if field in _RESTART_FIELDS:
+            conflicts.append(Conflict(field, _RESTART_FIELDS[field]))
+        else:
+            changes.append(
+                Change(kind="appliance", name=field, action=ChangeAction.CHANGED, fields=[field])
+            )
+    changes += _plan_protected(current, desired, conflicts)
     old_vpgs = {j.vpg: j for j in current.journals}
     new_vpgs = {j.vpg: j for j in desired.journals}
     old_vols = {v.name: v for v in current.volumes}
@@ -228,6 +271,55 @@ def plan_apply(
         changes += vpg_changes
     if conflicts:
         raise ApplyConflict(conflicts)
+    return changes
+
+
+def _plan_protected(
+    current: ApplianceConfig, desired: ApplianceConfig, conflicts: list[Conflict]
+) -> list[Change]:
+    """Protected VPGs come and go live; a running one keeps its settings and volume table (its
+    stream's HELLO carries the table, and its sync state depends on it)."""
+    changes: list[Change] = []
+    old = {p.vpg: p for p in current.protected}
+    new = {p.vpg: p for p in desired.protected}
+    for name in sorted(old.keys() | new.keys()):
+        was, now = old.get(name), new.get(name)
+        if now is None:
+            changes.append(Change(kind="protected", name=name, action=ChangeAction.REMOVED))
+            changes += [
+                Change(kind="volume", name=v.name, action=ChangeAction.REMOVED)
+                for v in current.volumes_of(name)
+            ]
+            continue
+        if was is None:
+            changes.append(Change(kind="protected", name=name, action=ChangeAction.ADDED))
+            changes += [
+                Change(kind="volume", name=v.name, action=ChangeAction.ADDED)
+                for v in desired.volumes_of(name)
+            ]
+            continue
+        for field in _diff(_protected_fields(was), _protected_fields(now)):
+            conflicts.append(
+                Conflict(
+                    f"protected.{name}.{field}",
+                    "a protected VPG's settings are fixed while it streams; remove it and add "
+                    "it again (its volumes then resync), or restart the appliance",
+                )
+            )
+        old_vols = {v.name: v for v in current.volumes_of(name)}
+        new_vols = {v.name: v for v in desired.volumes_of(name)}
+        for vol in sorted(old_vols.keys() ^ new_vols.keys()):
+            conflicts.append(
+                Conflict(
+                    f"volumes.{vol}",
+                    f"the volume table of protected VPG {name} is fixed while it streams; remove "
+                    "the VPG and add it again, or restart the appliance",
+                )
+            )
+        for vol in sorted(old_vols.keys() & new_vols.keys()):
+            for field in _diff(_volume_fields(old_vols[vol]), _volume_fields(new_vols[vol])):
+                why = _WHY_VOLUME.get(field, "cannot change live")
+                conflicts.append(Conflict(f"volumes.{vol}.{field}", why))
     return changes
 
 
@@ -317,24 +409,72 @@ class Appliance:
 
     def __init__(self, config: ApplianceConfig) -> None:
         self.config = config
-        self.vpgs: dict[str, VpgRuntime] = {
-            j.vpg: VpgRuntime(j, config.volumes_of(j.vpg)) for j in config.journals
+        self.limiter = BandwidthLimiter(config.bandwidth_bytes())
+        """Shared by every sender of the appliance, weighted by VPG priority."""
+        self.receiver: StreamReceiver | None = None
+        """The replication stream's listener (with `listen.stream`)."""
+        if config.listen.stream is not None:
+            tls = config.stream_tls
+            self.receiver = StreamReceiver(
+                self._sink,
+                ssl_context=None
+                if tls is None
+                else server_context(tls.cert_file, tls.key_file, tls.ca_file),
+            )
+        self.vpgs: dict[str, JournaledVpg] = {
+            j.vpg: self._journaled(j, config) for j in config.journals
         }
+        """VPGs journaled here: captured here (replication to self) or fed by the stream."""
+        self.protected: dict[str, ProtectedVpg] = {
+            p.vpg: self._protected(p, config) for p in config.protected
+        }
+        """VPGs captured here and replicated to a recovery appliance."""
         self.images = ImageRegistry()
-        self.exports = ApplianceExports(self.vpgs, self.images)
+        self.exports = ApplianceExports(self.vpgs, self.images, self.protected)
         self.nbd = NBDServer(self.exports)
         self.addresses: list[str] = []
+        self.stream_address: str | None = None
+        """`host:port` the stream listener is bound to, once started."""
         self.control: ControlServer | None = None
         self._apply_lock = asyncio.Lock()
         self._promoted: dict[str, Checkpoint] = {}
 
+    def _journaled(self, spec: JournalSpec, config: ApplianceConfig) -> JournaledVpg:
+        if spec.sources:
+            assert self.receiver is not None, "the config model wants listen.stream for sources"
+            return RecoveryVpg(spec, self.receiver)
+        return VpgRuntime(spec, config.volumes_of(spec.vpg))
+
+    def _protected(self, spec: ProtectedVpgSpec, config: ApplianceConfig) -> ProtectedVpg:
+        source = config.source_name
+        assert source is not None, "the config model wants a name for protected VPGs"
+        return ProtectedVpg(
+            spec,
+            config.volumes_of(spec.vpg),
+            source=source,
+            tls=config.stream_tls,
+            limiter=self.limiter,
+        )
+
+    def _sink(self, vpg: str) -> StreamSink | None:
+        """The stream receiver's lookup: the journal sink of a recovery VPG."""
+        runtime = self.vpgs.get(vpg)
+        return runtime.sink if isinstance(runtime, RecoveryVpg) else None
+
     async def start(self) -> None:
-        started: list[VpgRuntime] = []
+        started: list[JournaledVpg | ProtectedVpg] = []
         try:
             for vpg in self.vpgs.values():
                 await _start_vpg(vpg)
                 started.append(vpg)
+            for pvpg in self.protected.values():
+                await _start_vpg(pvpg)
+                started.append(pvpg)
             listen = self.config.listen
+            stream = listen.stream_address()
+            if stream is not None and self.receiver is not None:
+                host, port = await self.receiver.listen(*stream)
+                self.stream_address = f"{f'[{host}]' if ':' in host else host}:{port}"
             if listen.nbd_unix is not None:
                 listen.nbd_unix.parent.mkdir(parents=True, exist_ok=True)
                 await self.nbd.listen_unix(listen.nbd_unix)
@@ -347,15 +487,20 @@ class Appliance:
                 await self.control.start()
         except BaseException:
             await self.nbd.close()
-            for vpg in started:
-                await vpg.stop()
+            if self.receiver is not None:
+                await self.receiver.close()
+            for runtime in reversed(started):
+                await runtime.stop()
             raise
         log.info(
-            "event=serving node=%s nbd=%s control=%s vpgs=%s",
+            "event=serving name=%s node=%s nbd=%s stream=%s control=%s vpgs=%s protected=%s",
+            self.config.source_name or "-",
             self.config.node or "-",
             ",".join(self.addresses),
+            self.stream_address or "-",
             self.control.url if self.control is not None else "-",
-            ",".join(self.vpgs),
+            ",".join(self.vpgs) or "-",
+            ",".join(self.protected) or "-",
         )
 
     async def stop(self) -> None:
@@ -364,17 +509,32 @@ class Appliance:
             await self.control.stop()
         await self.nbd.close()
         self.images.close_all()
+        for pvpg in self.protected.values():
+            await pvpg.stop()
+        if self.receiver is not None:
+            await self.receiver.close()
         for vpg in self.vpgs.values():
             await vpg.stop()
         log.info("event=stopped seconds=%.2f", time.monotonic() - started)
 
     # -- lookups and status ----------------------------------------------------------------
 
-    def vpg(self, name: str) -> VpgRuntime:
+    def vpg(self, name: str) -> JournaledVpg:
         vpg = self.vpgs.get(name)
         if vpg is None:
-            raise UnknownVpgError(f"no VPG {name!r} on this appliance")
+            where = (
+                f"; it is protected here and journaled on {self.protected[name].spec.recovery}"
+                if name in self.protected
+                else ""
+            )
+            raise UnknownVpgError(f"no VPG {name!r} journaled on this appliance{where}")
         return vpg
+
+    def protected_vpg(self, name: str) -> ProtectedVpg:
+        pvpg = self.protected.get(name)
+        if pvpg is None:
+            raise UnknownVpgError(f"no VPG {name!r} protected (replicated) from this appliance")
+        return pvpg
 
     def journal(self, name: str) -> Journal:
         journal = self.vpg(name).journal
@@ -389,21 +549,27 @@ class Appliance:
         st["failoverPhase"] = phase
         st["images"] = len(self.images.of_vpg(name))
         if phase is not None:
-            state = "FailingOver"
-        elif vpg.consistent:
-            state = "Protected"
+            st["state"] = "FailingOver"
         else:
-            state = "Syncing"
-        st.setdefault("state", state)
+            st.setdefault("state", "Protected" if vpg.consistent else "Syncing")
         return st
 
+    def protected_status(self, name: str) -> dict[str, Any]:
+        return self.protected_vpg(name).status()
+
     def status(self) -> dict[str, Any]:
+        receiver = self.receiver
         return {
             "node": self.config.node,
+            "name": self.config.source_name,
             "nbd": self.addresses,
+            "stream": self.stream_address,
             "control": None if self.control is None else self.control.url,
             "connections": self.nbd.connection_count,
+            "streamConnections": 0 if receiver is None else len(receiver.stats()),
+            "streamRejected": 0 if receiver is None else receiver.rejected,
             "vpgs": {name: self.vpg_status(name) for name in list(self.vpgs)},
+            "protected": {name: self.protected_status(name) for name in list(self.protected)},
         }
 
     # -- declarative config ----------------------------------------------------------------
@@ -411,36 +577,44 @@ class Appliance:
     async def apply(self, desired: ApplianceConfig) -> ApplyResult:
         """Make the running appliance match ``desired``; idempotent.
 
-        Starts added VPGs, adds volumes to running VPGs, retunes retention, then stops removed
-        VPGs (their journals stay on disk; images pinned on them are closed). Changes that cannot
-        be applied live raise :class:`ApplyConflict` and an unusable backing store
-        :class:`ApplyInvalid`, both before anything is touched. An I/O error while starting
-        raises :class:`ApplyFailed` after stopping what this call started (volumes added to
-        running VPGs stay).
+        Starts added VPGs (journaled, recovery and protected), adds volumes to running journaled
+        VPGs, retunes retention and the bandwidth limit, then stops removed VPGs (their journals
+        stay on disk; images pinned on them are closed). Changes that cannot be applied live raise
+        :class:`ApplyConflict` and an unusable backing store :class:`ApplyInvalid`, both before
+        anything is touched. An I/O error while starting raises :class:`ApplyFailed` after
+        stopping what this call started (volumes added to running VPGs stay).
         """
         async with self._apply_lock:
             phases = {n: v.journal.failover_phase for n, v in self.vpgs.items() if v.journal}
             changes = plan_apply(self.config, desired, phases)
             _preflight(desired, changes)
             current = self.config
-            started: list[VpgRuntime] = []
+            started: list[JournaledVpg | ProtectedVpg] = []
             try:
                 for change in changes:
                     if change.kind == "vpg" and change.action == "added":
-                        vpg = VpgRuntime(
-                            desired.journal_for(change.name), desired.volumes_of(change.name)
-                        )
+                        vpg = self._journaled(desired.journal_for(change.name), desired)
                         await _start_vpg(vpg)
                         started.append(vpg)
                         self.vpgs[vpg.name] = vpg
+                    elif change.kind == "protected" and change.action == "added":
+                        pvpg = self._protected(desired.protected_for(change.name), desired)
+                        await _start_vpg(pvpg)
+                        started.append(pvpg)
+                        self.protected[pvpg.name] = pvpg
                     elif change.kind == "volume" and change.action == "added":
                         spec = next(v for v in desired.volumes if v.name == change.name)
+                        running = self.vpgs.get(spec.vpg)
                         if any(j.vpg == spec.vpg for j in current.journals):
-                            await self.vpgs[spec.vpg].add_volume(spec)
+                            assert isinstance(running, VpgRuntime)
+                            await running.add_volume(spec)
             except Exception as e:
-                for vpg in started:
-                    self.vpgs.pop(vpg.name, None)
-                    await vpg.stop()
+                for runtime in reversed(started):
+                    if isinstance(runtime, ProtectedVpg):
+                        self.protected.pop(runtime.name, None)
+                    else:
+                        self.vpgs.pop(runtime.name, None)
+                    await runtime.stop()
                 log.error("event=apply-failed error=%r undone=%s", e, [v.name for v in started])
                 raise ApplyFailed(
                     f"applying failed: {e}; the VPGs this request started were stopped again"
@@ -450,6 +624,10 @@ class Appliance:
                     self.vpgs[change.name].retune(desired.journal_for(change.name))
                 elif change.kind == "vpg" and change.action == "removed":
                     await self._remove_vpg(change.name)
+                elif change.kind == "protected" and change.action == "removed":
+                    await self.protected.pop(change.name).stop()
+                elif change.kind == "appliance" and change.name == "bandwidthLimit":
+                    self.limiter.rate = desired.bandwidth_bytes()
             self.config = desired
         for change in changes:
             log.info(
@@ -475,7 +653,7 @@ class Appliance:
     ) -> PinnedImage:
         """Open and pin the image of ``volume`` at ``checkpoint`` until :meth:`delete_image`."""
         vpg = self.vpg(vpg_name)
-        if volume not in vpg.volumes:
+        if not vpg.has_volume(volume):
             raise UnknownVolumeError(f"VPG {vpg_name} has no volume {volume!r}")
         image = await self.journal(vpg_name).open_image(volume, checkpoint, writable=writable)
         pinned = PinnedImage(
@@ -557,15 +735,17 @@ class Appliance:
         )
 
     def set_mirror_ready(self, vpg_name: str, volume: str, ready: bool) -> None:
-        vpg = self.vpg(vpg_name)
+        vpg: JournaledVpg | ProtectedVpg
+        vpg = self.protected[vpg_name] if vpg_name in self.protected else self.vpg(vpg_name)
         if volume not in vpg.volumes:
             raise UnknownVolumeError(f"VPG {vpg_name} has no volume {volume!r}")
         if not isinstance(vpg.volumes[volume].export, MirrorTargetExport):
             raise NotMirrorTargetError(f"volume {volume} is captured in-path, not a mirror target")
+        assert isinstance(vpg, VpgRuntime | ProtectedVpg)  # the ones with captured volumes
         vpg.set_mirror_ready(volume, ready)
 
 
-async def _start_vpg(vpg: VpgRuntime) -> None:
+async def _start_vpg(vpg: JournaledVpg | ProtectedVpg) -> None:
     """Start a VPG; if that fails midway, close what it opened (its journal) before raising."""
     try:
         await vpg.start()
@@ -603,6 +783,8 @@ async def serve(config: ApplianceConfig, ready_file: Path | None = None) -> None
     if ready_file is not None:
         tmp = ready_file.with_suffix(".tmp")
         lines = list(appliance.addresses)
+        if appliance.stream_address is not None:
+            lines.append(f"stream:{appliance.stream_address}")
         if appliance.control is not None:
             lines.append(f"control:{appliance.control.url}")
         tmp.write_text("\n".join(lines) + "\n")
@@ -618,7 +800,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ready-file",
         type=Path,
         help="write the listening addresses to this file once serving (for supervisors and "
-        "tests): NBD ones as tcp:HOST:PORT or unix:PATH, the control API as control:URL",
+        "tests): NBD ones as tcp:HOST:PORT or unix:PATH, the stream listener as "
+        "stream:HOST:PORT, the control API as control:URL",
     )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
 

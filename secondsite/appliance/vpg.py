@@ -1,15 +1,23 @@
-"""One VPG inside an appliance: its journal, its volumes' captures, checkpoints and retention.
+"""VPGs inside an appliance: what a VPG's captured volumes, and a VPG's journal, need here.
 
-Protected and recovery roles share this process for now (replication to self): captured writes go
-straight into the VPG's journal. The VPG takes a checkpoint every `checkpointIntervalSeconds` (and
-on request, with a tag) as a cut across all its volumes: the journal holds new acks, marks the cut
-after every write submitted so far, and releases; the hold time is recorded. A checkpoint is
-consistent only when every volume is fully synced: while an in-path volume resyncs, or a mirror
-target's QEMU job is not yet ready, checkpoints are marked not consistent.
+Three kinds of VPG run in an appliance, sharing the pieces of this module:
 
-A state file in the journal directory records, per volume, whether it finished its initial sync and
-whether the appliance stopped cleanly; an unclean stop makes in-path volumes resync (delta) at start
-and mirror targets wait for QEMU to say the mirror is ready again.
+- :class:`VpgRuntime`, replication to self: captured writes go straight into the VPG's journal on
+  this appliance;
+- ``protected.ProtectedVpg``: captured writes go to the replication stream (no journal here);
+- ``recovery.RecoveryVpg``: the journal here is fed by the stream from protected appliances.
+
+A VPG with a journal (:class:`JournaledVpg`: the first and the last) takes a checkpoint every
+`checkpointIntervalSeconds` (and on request, with a tag) as a cut across all its volumes, and
+enforces the journal's retention. Locally, the journal holds new acks, marks the cut after every
+write submitted so far, and releases; the hold time is recorded. A checkpoint is consistent only
+when every volume is fully synced: while an in-path volume resyncs, or a mirror target's QEMU job
+is not yet ready, checkpoints are marked not consistent.
+
+A VPG with captured volumes keeps a state file (:class:`CaptureStateFile`) recording, per volume,
+whether it finished its initial sync and whether the appliance stopped cleanly; an unclean stop
+makes in-path volumes resync at start and mirror targets wait for QEMU to say the mirror is ready
+again (:class:`MirrorWatch`).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import enum
 import logging
 import threading
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +42,19 @@ from secondsite.appliance.nbd.file import FileExport
 from secondsite.appliance.qmp import QmpClient, QmpError, mirror_job_ready
 from secondsite.appliance.resync import ResyncProgress, resync_in_path
 
-__all__ = ["SyncState", "VolumeRuntime", "VpgRuntime"]
+__all__ = [
+    "CaptureStateFile",
+    "CheckpointSkipped",
+    "JournaledVpg",
+    "MirrorWatch",
+    "SyncState",
+    "TaskSet",
+    "VolumeRuntime",
+    "VpgRuntime",
+    "open_backing",
+    "retention_policy",
+    "volume_status",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +76,13 @@ class SyncState(enum.StrEnum):
 
     INITIAL_SYNC = "InitialSync"
     DELTA_SYNC = "DeltaSync"
+    BITMAP_SYNC = "BitmapSync"
+    """Replicated in-path volume: changes are tracked as dirty regions (the protected buffer
+    overflowed), which are read back from the source and shipped."""
     PROTECTED = "Protected"
     NOT_SYNCED = "NotSynced"
     """A mirror target whose mirror job is gone (or QEMU unreachable), or not ready after a
-    restart."""
+    restart, or whose write failed."""
 
 
 @dataclasses.dataclass
@@ -74,34 +98,218 @@ class VolumeRuntime:
         return self.state is SyncState.PROTECTED
 
 
-class VpgRuntime:
-    """Runs one VPG; `await start()`, then serve its exports; `await stop()` closes cleanly."""
+def volume_status(vol: VolumeRuntime) -> dict[str, Any]:
+    """The JSON-able status of one captured volume (`control.models.VolumeStatus`)."""
+    p = vol.progress
+    return {
+        "capture": str(vol.spec.capture),
+        "state": str(vol.state),
+        "reason": vol.reason,
+        "size": vol.export.size,
+        "writes": vol.export.writes,
+        "bytesWritten": vol.export.bytes_written,
+        "syncPercent": None if p is None else round(p.percent, 1),
+        "syncEtaSeconds": None if p is None else p.eta_seconds,
+    }
 
-    def __init__(self, journal_spec: JournalSpec, volumes: list[VolumeSpec]) -> None:
+
+def open_backing(vs: VolumeSpec) -> FileExport:
+    """The backing store of an in-path volume, checked against the declared size."""
+    assert vs.backing is not None  # the config model requires it for in-path volumes
+    backing = FileExport(str(vs.backing))
+    size = vs.size_bytes() or backing.size
+    if size != backing.size:
+        backing.close()
+        raise ValueError(
+            f"volume {vs.name}: size {size} differs from backing store's {backing.size}"
+        )
+    return backing
+
+
+class TaskSet:
+    """The background tasks of one VPG: named, failures logged, all cancelled at stop."""
+
+    def __init__(self, vpg: str) -> None:
+        self.vpg = vpg
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=f"{self.vpg}: {what}")
+        self._tasks = [t for t in self._tasks if not t.done()]
+        self._tasks.append(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "vpg=%s event=task-failed task=%r error=%r",
+                self.vpg,
+                task.get_name(),
+                task.exception(),
+            )
+
+    async def cancel_all(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+class CaptureStateFile:
+    """`capture-state.json`: per volume, whether its initial sync finished; and whether the
+    appliance stopped cleanly. Writes run in threads, newest state wins."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._state: dict[str, Any] = {"volumes": {}}
+        self._version = 0
+        self._written = 0
+        self._lock = threading.Lock()
+
+    async def open(self) -> bool:
+        """Read the file and record that the appliance runs (until :meth:`close`). Returns
+        whether the previous run stopped cleanly (True for a new file)."""
+        self._state = read_json(self.path) or {"volumes": {}}
+        clean = bool(self._state.get("cleanShutdown", True))
+        self._state["cleanShutdown"] = False
+        await self.save()
+        return clean
+
+    def known(self, volume: str) -> dict[str, Any]:
+        """What the file says of ``volume`` (empty: never seen)."""
+        known: dict[str, Any] = self._state["volumes"].get(volume, {})
+        return known
+
+    async def set_synced(self, volume: str, synced: bool) -> None:
+        self._state["volumes"].setdefault(volume, {})["synced"] = synced
+        await self.save()
+
+    async def close(self, clean: bool = True) -> None:
+        self._state["cleanShutdown"] = clean
+        await self.save()
+
+    async def save(self) -> None:
+        self._version += 1
+        await asyncio.to_thread(self._write, self._version, copy.deepcopy(self._state))
+
+    def _write(self, version: int, state: dict[str, Any]) -> None:
+        # Writers run in threads and may overlap (or outlive a cancelled task): one at a time,
+        # since they share the file's tmp name, and never an older state over a newer one.
+        with self._lock:
+            if version > self._written:
+                write_json_atomic(self.path, state)
+                self._written = version
+
+
+MirrorState = Callable[[VolumeRuntime, "bool | None", str], None]
+"""``(volume, ready, why)``: the mirror job is ready (True), not ready (False), or gone or
+unknown (None)."""
+
+
+class MirrorWatch:
+    """Follows the QEMU mirror jobs writing to a VPG's mirror targets. All volumes of one QEMU
+    share one connection: a QMP socket serves one client at a time, a second one is never
+    answered."""
+
+    def __init__(self, vpg: str, tasks: TaskSet, on_state: MirrorState) -> None:
+        self.vpg = vpg
+        self._tasks = tasks
+        self._on_state = on_state
+        self._watched: dict[Path, list[tuple[VolumeRuntime, str]]] = {}
+
+    def watch(self, vol: VolumeRuntime, socket: Path, job: str) -> None:
+        targets = self._watched.get(socket)
+        if targets is None:
+            targets = self._watched[socket] = []
+            self._tasks.spawn(self._watch(socket, targets), f"qmp {socket}")
+        targets.append((vol, job))
+
+    def clear(self) -> None:
+        self._watched.clear()
+
+    async def _watch(self, socket: Path, targets: list[tuple[VolumeRuntime, str]]) -> None:
+        client: QmpClient | None = None
+        try:
+            while True:
+                try:
+                    if client is None:
+                        client = await QmpClient.connect(socket)
+                    for vol, job in list(targets):
+                        ready = await mirror_job_ready(client, job)
+                        why = f"mirror job {job} " + (
+                            "not ready" if ready is False else "not found"
+                        )
+                        self._on_state(vol, ready, why)
+                except QmpError as e:
+                    if client is not None:
+                        await client.close()
+                        client = None
+                    log.debug("vpg=%s event=qmp-error socket=%s error=%s", self.vpg, socket, e)
+                    # Without QEMU's word the mirror cannot be vouched for: QEMU may have
+                    # stopped, or restarted and be writing before a new mirror job is ready.
+                    for vol, _ in list(targets):
+                        self._on_state(vol, None, f"QMP unreachable: {e}")
+                await asyncio.sleep(_QMP_POLL)
+        finally:
+            if client is not None:
+                await client.close()
+
+
+def mirror_sync_state(ready: bool | None) -> SyncState:
+    """A mirror target's state from its job's readiness (see :data:`MirrorState`)."""
+    if ready is None:
+        return SyncState.NOT_SYNCED
+    return SyncState.PROTECTED if ready else SyncState.INITIAL_SYNC
+
+
+class CheckpointSkipped(Exception):
+    """An automatic checkpoint was not taken this round, for a reason that is no failure of the
+    appliance (e.g. a replication source is not connected); the next round tries again."""
+
+
+class JournaledVpg:
+    """A VPG whose journal lives on this appliance: the journal, the checkpoint loop, retention,
+    and the journal's part of the status. Subclasses say how a cut is taken (:meth:`_cut`) and
+    whether it is consistent; `await start()`, then `await stop()`."""
+
+    def __init__(self, journal_spec: JournalSpec) -> None:
         self.name = journal_spec.vpg
         self.spec = journal_spec
-        self.volume_specs = volumes
-        self.volumes: dict[str, VolumeRuntime] = {}
         self.journal: Journal | None = None
-        self._tasks: list[asyncio.Task[Any]] = []
-        self._state_file = journal_spec.directory / "capture-state.json"
-        self._state: dict[str, Any] = {}
-        self._state_version = 0
-        self._state_written = 0
-        self._state_write_lock = threading.Lock()
+        self.volumes: dict[str, VolumeRuntime] = {}
+        """Volumes captured on this appliance (none on a recovery appliance)."""
+        self.tasks = TaskSet(self.name)
         self._checkpoint_lock = asyncio.Lock()
-        self._qmp_watched: dict[Path, list[tuple[VolumeRuntime, str]]] = {}
         self.checkpoints_taken = 0
         self.inconsistent_checkpoints = 0
-
-    # -- lifecycle ---------------------------------------------------------------------------
+        self.checkpoint_problem = ""
+        """Why the last automatic checkpoint was not taken ("" when it was)."""
 
     async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def consistent(self) -> bool:
+        """Whether a checkpoint taken now would be consistent."""
+        raise NotImplementedError
+
+    async def _cut(self, tag: str | None) -> Checkpoint:
+        """Take a cut across every volume; the checkpoint is durable when this returns."""
+        raise NotImplementedError
+
+    def _housekeeping(self) -> None:
+        """Runs every retention round, before retention."""
+
+    async def _open_journal(self) -> Journal:
         spec = self.spec
         spec.directory.mkdir(parents=True, exist_ok=True)
-        self._state = read_json(self._state_file) or {"volumes": {}}
-        clean = bool(self._state.get("cleanShutdown", True))
-        self.journal = journal = await Journal.open(
+        self.journal = await Journal.open(
             spec.directory,
             JournalConfig(
                 vpg=self.name,
@@ -110,139 +318,17 @@ class VpgRuntime:
                 scratch_dir=spec.scratch_directory,
             ),
         )
-        self._state["cleanShutdown"] = False
-        await self._save_state()
-        for vs in self.volume_specs:
-            self.volumes[vs.name] = await self._start_volume(journal, vs, clean)
-        self._spawn(self._checkpoint_loop(), "checkpoints")
-        self._spawn(self._retention_loop(), "retention")
-        log.info(
-            "vpg=%s event=started volumes=%s clean=%s next_seq=%d",
-            self.name,
-            ",".join(self.volumes),
-            clean,
-            journal.next_seq,
-        )
+        return self.journal
 
-    async def _start_volume(self, journal: Journal, vs: VolumeSpec, clean: bool) -> VolumeRuntime:
-        known = self._state["volumes"].get(vs.name, {})
-        if vs.capture is CaptureMode.IN_PATH:
-            assert vs.backing is not None
-            backing = FileExport(str(vs.backing))
-            size = vs.size_bytes() or backing.size
-            if size != backing.size:
-                backing.close()
-                raise ValueError(
-                    f"volume {vs.name}: size {size} differs from backing store's {backing.size}"
-                )
-            await journal.add_volume(vs.name, size, vs.replica)
-            export: InPathExport | MirrorTargetExport = InPathExport(vs.name, journal, backing)
-            vol = VolumeRuntime(vs, export, SyncState.PROTECTED)
-            if not known.get("synced"):
-                vol.state, vol.reason = SyncState.INITIAL_SYNC, "new volume"
-                self._spawn(self._resync(vol, fresh=not known), f"resync {vs.name}")
-            elif not clean:
-                vol.state, vol.reason = SyncState.DELTA_SYNC, "unclean stop"
-                self._spawn(self._resync(vol, fresh=False), f"resync {vs.name}")
-        else:
-            mirror_size = vs.size_bytes()
-            assert mirror_size is not None  # the config model requires it for mirror targets
-            await journal.add_volume(vs.name, mirror_size, vs.replica)
-            export = MirrorTargetExport(vs.name, journal, mirror_size)
-            synced = bool(known.get("synced")) and clean
-            vol = VolumeRuntime(
-                vs,
-                export,
-                SyncState.PROTECTED if synced else SyncState.INITIAL_SYNC,
-                "" if synced else "waiting for the mirror job to be ready",
-            )
-            if vs.qmp_socket is not None and vs.mirror_job is not None:
-                self._watch_mirror(vol, vs.qmp_socket, vs.mirror_job)
-        return vol
+    def _start_loops(self) -> None:
+        self.tasks.spawn(self._checkpoint_loop(), "checkpoints")
+        self.tasks.spawn(self._retention_loop(), "retention")
 
-    def _spawn(self, coro: Any, what: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=f"{self.name}: {what}")
-        self._tasks.append(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error(
-                "vpg=%s event=task-failed task=%r error=%r",
-                self.name,
-                task.get_name(),
-                task.exception(),
-            )
-
-    async def stop(self) -> None:
-        """Stop loops, close the journal (flushing), and record a clean stop."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks.clear()
-        self._qmp_watched.clear()
-        for vol in self.volumes.values():
-            if isinstance(vol.export, InPathExport):
-                await vol.export.backing.flush()
-                vol.export.backing.close()
-            else:
-                vol.export.close()
-        if self.journal is not None:
-            await self.journal.close()
-            self._state["cleanShutdown"] = True
-            await self._save_state()
-        log.info("vpg=%s event=stopped", self.name)
-
-    # -- sync --------------------------------------------------------------------------------
-
-    async def _save_state(self) -> None:
-        self._state_version += 1
-        await asyncio.to_thread(self._write_state, self._state_version, copy.deepcopy(self._state))
-
-    def _write_state(self, version: int, state: dict[str, Any]) -> None:
-        # Writers run in threads and may overlap (or outlive a cancelled task): one at a time,
-        # since they share the file's tmp name, and never an older state over a newer one.
-        with self._state_write_lock:
-            if version > self._state_written:
-                write_json_atomic(self._state_file, state)
-                self._state_written = version
-
-    async def _mark_synced(self, vol: VolumeRuntime, synced: bool) -> None:
-        self._state["volumes"].setdefault(vol.spec.name, {})["synced"] = synced
-        await self._save_state()
-
-    async def _resync(self, vol: VolumeRuntime, *, fresh: bool) -> None:
-        assert isinstance(vol.export, InPathExport)
-        vol.progress = ResyncProgress(vol.reason, vol.export.size)
-        log.info(
-            "vpg=%s volume=%s event=resync-start reason=%r fresh=%s",
-            self.name,
-            vol.spec.name,
-            vol.reason,
-            fresh,
-        )
-        await self._mark_synced(vol, False)
-        await resync_in_path(vol.export, vol.progress, fresh=fresh, vpg=self.name)
-        vol.state, vol.reason = SyncState.PROTECTED, ""
-        await self._mark_synced(vol, True)
-
-    async def add_volume(self, spec: VolumeSpec) -> VolumeRuntime:
-        """Start protecting one more volume while the VPG runs.
-
-        It starts as after an unclean stop: a volume the journal knew before (say, its VPG was
-        removed and added again) gets a delta sync instead of being trusted, since writes may have
-        bypassed capture meanwhile.
-        """
-        assert self.journal is not None
-        if spec.name in self.volumes:
-            raise ValueError(f"volume {spec.name} is already protected by VPG {self.name}")
-        volume = await self._start_volume(self.journal, spec, clean=False)
-        self.volume_specs.append(spec)
-        self.volumes[spec.name] = volume
-        log.info("vpg=%s volume=%s event=volume-added state=%s", self.name, spec.name, volume.state)
-        return volume
+    def has_volume(self, volume: str) -> bool:
+        """Whether the journal keeps ``volume`` (captured here or replicated from a source)."""
+        if volume in self.volumes:
+            return True
+        return self.journal is not None and any(v.name == volume for v in self.journal.volumes())
 
     def retune(self, spec: JournalSpec) -> None:
         """Apply a new history, hard limit, warning level or checkpoint interval live."""
@@ -255,78 +341,11 @@ class VpgRuntime:
                 self.journal.config, retention=retention_policy(spec)
             )
 
-    def set_mirror_ready(self, volume: str, ready: bool) -> None:
-        """What the control API calls when whoever runs the mirror says it is (not) ready."""
-        vol = self.volumes[volume]
-        if not isinstance(vol.export, MirrorTargetExport):
-            raise ValueError(f"volume {volume} is not a mirror target")
-        self._set_mirror_state(vol, ready, "told by the control API")
-
-    def _set_mirror_state(self, vol: VolumeRuntime, ready: bool | None, why: str) -> None:
-        new = SyncState.PROTECTED if ready else SyncState.INITIAL_SYNC
-        if ready is None:
-            new = SyncState.NOT_SYNCED
-        if new is vol.state:
-            return
-        log.info(
-            "vpg=%s volume=%s event=sync-state from=%s to=%s why=%r",
-            self.name,
-            vol.spec.name,
-            vol.state,
-            new,
-            why,
-        )
-        vol.state = new
-        vol.reason = "" if ready else why
-        self._spawn(self._mark_synced(vol, bool(ready)), "state")
-
-    def _watch_mirror(self, vol: VolumeRuntime, socket: Path, job: str) -> None:
-        """Follow mirror job `job` of the QEMU at `socket`. All volumes of one QEMU share one
-        connection: a QMP socket serves one client at a time, a second one is never answered."""
-        targets = self._qmp_watched.get(socket)
-        if targets is None:
-            targets = self._qmp_watched[socket] = []
-            self._spawn(self._watch_qmp(socket, targets), f"qmp {socket}")
-        targets.append((vol, job))
-
-    async def _watch_qmp(self, socket: Path, targets: list[tuple[VolumeRuntime, str]]) -> None:
-        client: QmpClient | None = None
-        try:
-            while True:
-                try:
-                    if client is None:
-                        client = await QmpClient.connect(socket)
-                    for vol, job in list(targets):
-                        ready = await mirror_job_ready(client, job)
-                        why = f"mirror job {job} " + (
-                            "not ready" if ready is False else "not found"
-                        )
-                        self._set_mirror_state(vol, ready, why)
-                except QmpError as e:
-                    if client is not None:
-                        await client.close()
-                        client = None
-                    log.debug("vpg=%s event=qmp-error socket=%s error=%s", self.name, socket, e)
-                    # Without QEMU's word the mirror cannot be vouched for: QEMU may have
-                    # stopped, or restarted and be writing before a new mirror job is ready.
-                    for vol, _ in list(targets):
-                        self._set_mirror_state(vol, None, f"QMP unreachable: {e}")
-                await asyncio.sleep(_QMP_POLL)
-        finally:
-            if client is not None:
-                await client.close()
-
-    # -- checkpoints and retention -----------------------------------------------------------
-
-    @property
-    def consistent(self) -> bool:
-        return all(v.synced for v in self.volumes.values())
-
     async def checkpoint(self, tag: str | None = None) -> Checkpoint:
         """Take a checkpoint now (a cut across every volume); durable when it returns."""
         assert self.journal is not None
         async with self._checkpoint_lock:
-            cp = await self.journal.checkpoint(tag=tag, consistent=self.consistent)
+            cp = await self._cut(tag)
         self.checkpoints_taken += 1
         if not cp.consistent:
             self.inconsistent_checkpoints += 1
@@ -348,16 +367,23 @@ class VpgRuntime:
                 continue  # promoted for a failover: the journal takes no checkpoints until commit
             try:
                 await self.checkpoint()
+            except CheckpointSkipped as e:
+                if str(e) != self.checkpoint_problem:
+                    log.warning("vpg=%s event=checkpoint-skipped reason=%r", self.name, str(e))
+                self.checkpoint_problem = str(e)
             except Exception as e:
+                self.checkpoint_problem = f"checkpoint failed: {e!r}"
                 log.error("vpg=%s event=checkpoint-failed error=%r", self.name, e)
+            else:
+                if self.checkpoint_problem:
+                    log.info("vpg=%s event=checkpoints-resumed", self.name)
+                self.checkpoint_problem = ""
 
     async def _retention_loop(self) -> None:
         assert self.journal is not None
         while True:
             await asyncio.sleep(_RETENTION_PERIOD)
-            for vol in self.volumes.values():
-                if isinstance(vol.export, MirrorTargetExport):
-                    vol.export.close_idle_view()
+            self._housekeeping()
             try:
                 promoted = await self.journal.enforce_retention()
             except Exception as e:
@@ -372,14 +398,12 @@ class VpgRuntime:
                     self.journal.used_bytes(),
                 )
 
-    # -- status ------------------------------------------------------------------------------
-
     def status(self) -> dict[str, Any]:
-        """A JSON-able summary: checkpoints, history, journal use, and each volume's sync state."""
+        """A JSON-able summary (`control.models.VpgStatus`): checkpoints, history, journal use,
+        and each captured volume's sync state."""
         assert self.journal is not None
         st = self.journal.status()
         newest, oldest = st.newest_checkpoint, st.oldest_checkpoint
-        holds = self.journal.hold_percentiles()
         return {
             "vpg": self.name,
             "consistent": self.consistent,
@@ -399,21 +423,162 @@ class VpgRuntime:
                 "level": str(st.retention.level),
                 "messages": list(st.retention.messages),
             },
-            "holdMs": holds,
-            "volumes": {
-                name: {
-                    "capture": str(v.spec.capture),
-                    "state": str(v.state),
-                    "reason": v.reason,
-                    "size": v.export.size,
-                    "writes": v.export.writes,
-                    "bytesWritten": v.export.bytes_written,
-                    "syncPercent": None if v.progress is None else round(v.progress.percent, 1),
-                    "syncEtaSeconds": None if v.progress is None else v.progress.eta_seconds,
-                }
-                for name, v in self.volumes.items()
-            },
+            "holdMs": self.hold_percentiles(),
+            "checkpointProblem": self.checkpoint_problem,
+            "volumes": {name: volume_status(v) for name, v in self.volumes.items()},
         }
+
+    def hold_percentiles(self) -> dict[str, float]:
+        """Checkpoint hold times (how long acks were held for a cut)."""
+        assert self.journal is not None
+        return self.journal.hold_percentiles()
+
+    def hold_times(self) -> list[float]:
+        """Recent checkpoint hold durations, seconds, oldest first."""
+        assert self.journal is not None
+        return self.journal.hold_times()
+
+
+class VpgRuntime(JournaledVpg):
+    """One VPG journaled on this appliance with its captured volumes (replication to self)."""
+
+    def __init__(self, journal_spec: JournalSpec, volumes: list[VolumeSpec]) -> None:
+        super().__init__(journal_spec)
+        self.volume_specs = volumes
+        self._state = CaptureStateFile(journal_spec.directory / "capture-state.json")
+        self._mirrors = MirrorWatch(self.name, self.tasks, self._set_mirror_state)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.spec.directory.mkdir(parents=True, exist_ok=True)
+        clean = await self._state.open()
+        journal = await self._open_journal()
+        for vs in self.volume_specs:
+            self.volumes[vs.name] = await self._start_volume(journal, vs, clean)
+        self._start_loops()
+        log.info(
+            "vpg=%s event=started volumes=%s clean=%s next_seq=%d",
+            self.name,
+            ",".join(self.volumes),
+            clean,
+            journal.next_seq,
+        )
+
+    async def _start_volume(self, journal: Journal, vs: VolumeSpec, clean: bool) -> VolumeRuntime:
+        known = self._state.known(vs.name)
+        if vs.capture is CaptureMode.IN_PATH:
+            backing = open_backing(vs)
+            await journal.add_volume(vs.name, backing.size, vs.replica)
+            export: InPathExport | MirrorTargetExport = InPathExport(vs.name, journal, backing)
+            vol = VolumeRuntime(vs, export, SyncState.PROTECTED)
+            if not known.get("synced"):
+                vol.state, vol.reason = SyncState.INITIAL_SYNC, "new volume"
+                self.tasks.spawn(self._resync(vol, fresh=not known), f"resync {vs.name}")
+            elif not clean:
+                vol.state, vol.reason = SyncState.DELTA_SYNC, "unclean stop"
+                self.tasks.spawn(self._resync(vol, fresh=False), f"resync {vs.name}")
+        else:
+            mirror_size = vs.size_bytes()
+            assert mirror_size is not None  # the config model requires it for mirror targets
+            await journal.add_volume(vs.name, mirror_size, vs.replica)
+            export = MirrorTargetExport(vs.name, journal, mirror_size, journal)
+            synced = bool(known.get("synced")) and clean
+            vol = VolumeRuntime(
+                vs,
+                export,
+                SyncState.PROTECTED if synced else SyncState.INITIAL_SYNC,
+                "" if synced else "waiting for the mirror job to be ready",
+            )
+            if vs.qmp_socket is not None and vs.mirror_job is not None:
+                self._mirrors.watch(vol, vs.qmp_socket, vs.mirror_job)
+        return vol
+
+    async def stop(self) -> None:
+        """Stop loops, close the journal (flushing), and record a clean stop."""
+        await self.tasks.cancel_all()
+        self._mirrors.clear()
+        for vol in self.volumes.values():
+            if isinstance(vol.export, InPathExport):
+                await vol.export.backing.flush()
+                vol.export.backing.close()
+            else:
+                vol.export.close()
+        if self.journal is not None:
+            await self.journal.close()
+            await self._state.close()
+        log.info("vpg=%s event=stopped", self.name)
+
+    # -- sync --------------------------------------------------------------------------------
+
+    async def _resync(self, vol: VolumeRuntime, *, fresh: bool) -> None:
+        assert isinstance(vol.export, InPathExport) and self.journal is not None
+        vol.progress = ResyncProgress(vol.reason, vol.export.size)
+        log.info(
+            "vpg=%s volume=%s event=resync-start reason=%r fresh=%s",
+            self.name,
+            vol.spec.name,
+            vol.reason,
+            fresh,
+        )
+        await self._state.set_synced(vol.spec.name, False)
+        await resync_in_path(vol.export, self.journal, vol.progress, fresh=fresh, vpg=self.name)
+        vol.state, vol.reason = SyncState.PROTECTED, ""
+        await self._state.set_synced(vol.spec.name, True)
+
+    async def add_volume(self, spec: VolumeSpec) -> VolumeRuntime:
+        """Start protecting one more volume while the VPG runs.
+
+        It starts as after an unclean stop: a volume the journal knew before (say, its VPG was
+        removed and added again) gets a delta sync instead of being trusted, since writes may have
+        bypassed capture meanwhile.
+        """
+        assert self.journal is not None
+        if spec.name in self.volumes:
+            raise ValueError(f"volume {spec.name} is already protected by VPG {self.name}")
+        volume = await self._start_volume(self.journal, spec, clean=False)
+        self.volume_specs.append(spec)
+        self.volumes[spec.name] = volume
+        log.info("vpg=%s volume=%s event=volume-added state=%s", self.name, spec.name, volume.state)
+        return volume
+
+    def set_mirror_ready(self, volume: str, ready: bool) -> None:
+        """What the control API calls when whoever runs the mirror says it is (not) ready."""
+        vol = self.volumes[volume]
+        if not isinstance(vol.export, MirrorTargetExport):
+            raise ValueError(f"volume {volume} is not a mirror target")
+        self._set_mirror_state(vol, ready, "told by the control API")
+
+    def _set_mirror_state(self, vol: VolumeRuntime, ready: bool | None, why: str) -> None:
+        new = mirror_sync_state(ready)
+        if new is vol.state:
+            return
+        log.info(
+            "vpg=%s volume=%s event=sync-state from=%s to=%s why=%r",
+            self.name,
+            vol.spec.name,
+            vol.state,
+            new,
+            why,
+        )
+        vol.state = new
+        vol.reason = "" if ready else why
+        self.tasks.spawn(self._state.set_synced(vol.spec.name, bool(ready)), "state")
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    @property
+    def consistent(self) -> bool:
+        return all(v.synced for v in self.volumes.values())
+
+    async def _cut(self, tag: str | None) -> Checkpoint:
+        assert self.journal is not None
+        return await self.journal.checkpoint(tag=tag, consistent=self.consistent)
+
+    def _housekeeping(self) -> None:
+        for vol in self.volumes.values():
+            if isinstance(vol.export, MirrorTargetExport):
+                vol.export.close_idle_view()
 
 
 def _cp(cp: Checkpoint) -> dict[str, Any]:

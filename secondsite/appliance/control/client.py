@@ -61,6 +61,7 @@ from .models import (
     ImageRequest,
     MirrorReadyRequest,
     PromoteRequest,
+    ProtectedVpgStatus,
     VolumeStatus,
     VpgStatus,
 )
@@ -301,6 +302,10 @@ class ControlClient:
 
     async def vpg_status(self, vpg: str) -> VpgStatus:
         return await self._model(VpgStatus, "GET", self._url("v1", "vpgs", vpg))
+
+    async def protected_status(self, vpg: str) -> ProtectedVpgStatus:
+        """A VPG this appliance captures and replicates to a recovery appliance."""
+        return await self._model(ProtectedVpgStatus, "GET", self._url("v1", "protected", vpg))
 
     async def volume_status(self, vpg: str, volume: str) -> VolumeStatus:
         url = self._url("v1", "vpgs", vpg, "volumes", volume)

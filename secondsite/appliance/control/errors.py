@@ -16,6 +16,7 @@ FailoverStateError            409     failover-state
 ImagesOpenError               409     images-open
 ImageBusyError                409     image-busy
 NotMirrorTargetError          409     not-mirror-target
+CheckpointSkipped             409     checkpoint-not-taken
 JournalClosedError            409     vpg-stopped
 VolumeExistsError             409     volume-exists
 ApplyInvalid                  422     invalid-config
@@ -34,6 +35,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from secondsite.appliance import journal
+from secondsite.appliance.vpg import CheckpointSkipped
 
 from .models import ErrorBody
 
@@ -142,6 +144,7 @@ _BY_TYPE: list[tuple[type[BaseException], int, str]] = [
     (journal.ImagesOpenError, 409, "images-open"),
     (ImageBusyError, 409, "image-busy"),
     (NotMirrorTargetError, 409, "not-mirror-target"),
+    (CheckpointSkipped, 409, "checkpoint-not-taken"),
     (journal.JournalClosedError, 409, "vpg-stopped"),
     (journal.VolumeExistsError, 409, "volume-exists"),
     (journal.OutOfRangeError, 422, "out-of-range"),

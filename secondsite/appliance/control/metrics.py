@@ -27,7 +27,18 @@ secondsite_vpg_failover_promoted                   gauge      vpg
 secondsite_nbd_connections                         gauge
 secondsite_images_pinned                           gauge
 secondsite_control_requests_total                  counter    method, route, code
+secondsite_replication_connected                   gauge      vpg (protected side)
+secondsite_replication_lag_seconds                 gauge      vpg (protected side)
+secondsite_replication_buffer_used_bytes           gauge      vpg (protected side)
+secondsite_replication_buffer_capacity_bytes       gauge      vpg (protected side)
+secondsite_replication_written_bytes_total         counter    vpg (protected side)
+secondsite_replication_wire_bytes_total            counter    vpg (protected side)
+secondsite_replication_source_connected            gauge      vpg, source (recovery side)
+secondsite_stream_rejected_connections_total       counter    (recovery side)
 =================================================  =========  =============================
+
+Volumes of protected VPGs appear in the per-volume series too; the checkpoint hold histogram of a
+recovery VPG times its cuts across the sources.
 """
 
 from __future__ import annotations
@@ -42,7 +53,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from secondsite.appliance.runtime import Appliance
-    from secondsite.appliance.vpg import VpgRuntime
+    from secondsite.appliance.vpg import JournaledVpg
 
 __all__ = ["ApplianceMetrics"]
 
@@ -117,14 +128,17 @@ class _RuntimeCollector(Collector):
             labels=["vpg"],
         )
         now = time.time()
-        for name, vpg in list(a.vpgs.items()):
-            for vol_name, vol in list(vpg.volumes.items()):
+        captured = [(n, v.volumes) for n, v in list(a.vpgs.items())]
+        captured += [(n, p.volumes) for n, p in list(a.protected.items())]
+        for name, volumes in captured:
+            for vol_name, vol in list(volumes.items()):
                 labels = [name, vol_name]
                 writes.add_metric(labels, vol.export.writes)
                 written.add_metric(labels, vol.export.bytes_written)
                 in_sync.add_metric(labels, 1.0 if vol.synced else 0.0)
                 if vol.progress is not None and not vol.synced:
                     progress.add_metric(labels, vol.progress.percent / 100.0)
+        for name, vpg in list(a.vpgs.items()):
             taken.add_metric([name], vpg.checkpoints_taken)
             inconsistent.add_metric([name], vpg.inconsistent_checkpoints)
             consistent.add_metric([name], 1.0 if vpg.consistent else 0.0)
@@ -142,6 +156,7 @@ class _RuntimeCollector(Collector):
             promoted.add_metric([name], 1.0 if st.failover_phase is not None else 0.0)
         yield from (writes, written, in_sync, progress, used, limit, history, history_cfg)
         yield from (taken, inconsistent, rpo, consistent, promoted)
+        yield from self._replication()
         yield GaugeMetricFamily(
             "secondsite_nbd_connections",
             "NBD client connections open now.",
@@ -152,6 +167,67 @@ class _RuntimeCollector(Collector):
             "PIT images created through the control API and not yet deleted.",
             value=len(a.images),
         )
+
+    def _replication(self) -> Iterator[Metric]:
+        a = self._appliance
+        connected = GaugeMetricFamily(
+            "secondsite_replication_connected",
+            "1 while the VPG's stream to its recovery appliance is connected.",
+            labels=["vpg"],
+        )
+        lag = GaugeMetricFamily(
+            "secondsite_replication_lag_seconds",
+            "Age of the oldest change the recovery side has not acknowledged durable (or of the "
+            "oldest sync still running).",
+            labels=["vpg"],
+        )
+        used = GaugeMetricFamily(
+            "secondsite_replication_buffer_used_bytes",
+            "Bytes held in the protected buffer.",
+            labels=["vpg"],
+        )
+        capacity = GaugeMetricFamily(
+            "secondsite_replication_buffer_capacity_bytes",
+            "Size of the protected buffer.",
+            labels=["vpg"],
+        )
+        written = CounterMetricFamily(
+            "secondsite_replication_written_bytes",
+            "Bytes the workload wrote into the protected buffer.",
+            labels=["vpg"],
+        )
+        wire = CounterMetricFamily(
+            "secondsite_replication_wire_bytes",
+            "Bytes the stream put on the wire (after compression).",
+            labels=["vpg"],
+        )
+        for name, pvpg in list(a.protected.items()):
+            if pvpg.sender is None:
+                continue
+            m = pvpg.sender.metrics()
+            connected.add_metric([name], 1.0 if m.connected else 0.0)
+            lag.add_metric([name], pvpg.rpo_seconds())
+            used.add_metric([name], m.lag_bytes)
+            capacity.add_metric([name], m.buffer_capacity)
+            written.add_metric([name], m.appended_bytes)
+            wire.add_metric([name], m.wire_bytes_sent)
+        sources = GaugeMetricFamily(
+            "secondsite_replication_source_connected",
+            "1 while a protected appliance's stream feeding the VPG's journal is connected.",
+            labels=["vpg", "source"],
+        )
+        receiver = a.receiver
+        live = set() if receiver is None else {(s.vpg, s.source) for s in receiver.stats()}
+        for name, vpg in list(a.vpgs.items()):
+            for source in vpg.spec.sources:
+                sources.add_metric([name, source], 1.0 if (name, source) in live else 0.0)
+        yield from (connected, lag, used, capacity, written, wire, sources)
+        if receiver is not None:
+            yield CounterMetricFamily(
+                "secondsite_stream_rejected_connections",
+                "Stream connections refused or dropped (TLS, protocol, unknown VPG or source).",
+                value=receiver.rejected,
+            )
 
 
 class ApplianceMetrics:
@@ -174,7 +250,7 @@ class ApplianceMetrics:
             buckets=_HOLD_BUCKETS,
             registry=self.registry,
         )
-        self._hold_seen: dict[str, tuple[VpgRuntime, int]] = {}
+        self._hold_seen: dict[str, tuple[JournaledVpg, int]] = {}
 
     def _observe_holds(self) -> None:
         # The journal keeps the most recent hold durations in a ring, not a histogram; each
@@ -194,7 +270,7 @@ class ApplianceMetrics:
             new = vpg.checkpoints_taken - seen
             child = self.hold.labels(name)
             if new > 0:
-                samples = vpg.journal.hold_times()
+                samples = vpg.hold_times()
                 for seconds in samples[max(0, len(samples) - new) :]:
                     child.observe(seconds)
             self._hold_seen[name] = (vpg, vpg.checkpoints_taken)

@@ -40,6 +40,12 @@ __all__ = [
     "JournalUsage",
     "MirrorReadyRequest",
     "PromoteRequest",
+    "ProtectedBuffer",
+    "ProtectedVpgStatus",
+    "ReplicationSource",
+    "ReplicationStatus",
+    "StreamCounters",
+    "Throughput",
     "VolumeStatus",
     "VpgStatus",
     "check_checkpoint_ref",
@@ -116,7 +122,10 @@ class ChangeAction(enum.StrEnum):
 class Change(_Reply):
     """One thing a `PUT /v1/config` changed."""
 
-    kind: Literal["appliance", "vpg", "volume"]
+    kind: Literal["appliance", "vpg", "protected", "volume"]
+    """`vpg`: a VPG journaled here (local capture, or fed by replication streams); `protected`: a
+    VPG captured here and replicated to a recovery appliance; `appliance`: a setting of the
+    appliance itself (`name` is the field)."""
     name: str
     action: ChangeAction
     fields: list[str] = []
@@ -235,20 +244,58 @@ class JournalUsage(_Reply):
 class VolumeStatus(_Reply):
     capture: str
     state: str
-    """InitialSync, DeltaSync, Protected or NotSynced."""
+    """InitialSync, DeltaSync, BitmapSync (replicated in-path volume whose changes are tracked as
+    dirty regions), Protected or NotSynced."""
     reason: str = ""
     size: int
     writes: int
     bytes_written: int
     sync_percent: float | None = None
     sync_eta_seconds: float | None = None
+    dirty_bytes: int | None = None
+    """Replicated in-path volume: bytes in regions still to ship to the recovery side."""
+
+
+class ReplicationSource(_Reply):
+    """One protected appliance feeding a recovery-side journal, as the recovery side sees it."""
+
+    connected: bool
+    peer: str | None = None
+    position: int
+    """The source's newest seq durable in the journal: its stream resumes after it."""
+    received_seq: int | None = None
+    durable_seq: int | None = None
+    records: int = 0
+    """Records journaled from it since this appliance started."""
+    payload_bytes: int = 0
+    skipped_records: int | None = None
+    """Records resent after a reconnect and skipped (already durable) on this connection."""
+    wire_bytes: int | None = None
+    last_record_time: float | None = None
+    consistent: bool | None = None
+    """Whether its newest checkpoint mark said it was consistent (None: no mark yet)."""
+    state: str = ""
+    """Its VPG state as its newest mark said (Protected, InitialSync, BitmapSync, ...)."""
+    volumes: list[str] = []
+
+
+class ReplicationStatus(_Reply):
+    role: Literal["recovery"]
+    sources: dict[str, ReplicationSource] = {}
 
 
 class VpgStatus(_Reply):
+    """A VPG journaled on this appliance: locally captured, or fed by replication streams."""
+
     vpg: str
     state: str = ""
-    """Protected (every volume in sync), Syncing (some volume in initial, delta or no sync), or
-    FailingOver (promoted to a checkpoint, before commit or rollback)."""
+    """Local capture: Protected (every volume in sync), Syncing (some volume in initial, delta or
+    no sync), or FailingOver (promoted to a checkpoint, before commit or rollback). Fed by
+    replication: Disconnected (a source is not connected: no checkpoints), a source's sync state
+    (InitialSync, DeltaSync, BitmapSync, NotSynced: checkpoints not consistent), Protected, or
+    FailingOver."""
+    reason: str = ""
+    """Why the VPG is not Protected (replication), in words."""
     consistent: bool
     rpo_seconds: float | None = None
     newest_checkpoint: CheckpointInfo | None = None
@@ -258,18 +305,88 @@ class VpgStatus(_Reply):
     promoted_seq: int
     journal: JournalUsage
     hold_ms: dict[str, float] = {}
+    checkpoint_problem: str = ""
+    """Why the last automatic checkpoint was not taken ("" when it was)."""
     volumes: dict[str, VolumeStatus] = {}
+    """Volumes captured on this appliance (none on a recovery appliance: see `replication`)."""
+    replication: ReplicationStatus | None = None
+    """Fed by replication: its sources."""
     failover_phase: str | None = None
     images: int = 0
     """PIT images created through the API and not yet deleted."""
 
 
+class ProtectedBuffer(_Reply):
+    used_bytes: int
+    capacity_bytes: int
+    used_percent: float
+    records: int
+    spills: int = 0
+    """Times the buffer overflowed and its records became dirty regions (bitmap sync)."""
+
+
+class Throughput(_Reply):
+    written_bytes_per_second: float
+    """What the workload wrote (last second)."""
+    wire_bytes_per_second: float
+    """What went on the wire (last second, after compression)."""
+
+
+class StreamCounters(_Reply):
+    sessions: int
+    connect_failures: int
+    last_error: str = ""
+    durable_seq: int
+    sent_seq: int
+    appended_bytes: int
+    payload_bytes_sent: int
+    wire_bytes_sent: int
+    wire_ratio: float
+    """Wire bytes per byte of data frames: below 1 when compression pays."""
+    holds: int
+    holds_expired: int
+
+
+class ProtectedVpgStatus(_Reply):
+    """A VPG captured here and replicated to its recovery appliance."""
+
+    vpg: str
+    source: str
+    """This appliance's name in the stream."""
+    recovery: str
+    priority: str
+    state: str
+    """Disconnected, InitialSync, DeltaSync, BitmapSync, NotSynced or Protected."""
+    reason: str = ""
+    consistent: bool
+    """Every volume is Protected: checkpoints cut now are consistent."""
+    connected: bool
+    rpo_seconds: float
+    """How far the recovery side may be behind: the age of the oldest change it has not
+    acknowledged durable (or of the oldest sync still running)."""
+    buffer: ProtectedBuffer
+    throughput: Throughput
+    stream: StreamCounters
+    hold_ms: dict[str, float] = {}
+    """How long checkpoint cuts held this VPG's acks."""
+    volumes: dict[str, VolumeStatus] = {}
+
+
 class ApplianceStatus(_Reply):
     node: str | None = None
+    name: str | None = None
+    """The appliance's name in replication streams."""
     nbd: list[str]
     """Where the NBD server listens (`tcp:HOST:PORT`, `unix:PATH`)."""
+    stream: str | None = None
+    """Where the replication stream listener is bound (`host:port`)."""
     control: str | None = None
     """The control API's URL."""
     connections: int
     """NBD client connections open right now."""
+    stream_connections: int = 0
+    """Replication streams connected to this appliance right now."""
+    stream_rejected: int = 0
+    """Stream connections refused (TLS, protocol, unknown VPG or source) since start."""
     vpgs: dict[str, VpgStatus] = {}
+    protected: dict[str, ProtectedVpgStatus] = {}

@@ -9,6 +9,7 @@ Routes (every `/v1` route needs `Authorization: Bearer <token>`, and a client ce
     PUT    /v1/config               ApplianceConfig    ApplyResult                   409 422
     GET    /v1/status                                  ApplianceStatus
     GET    /v1/vpgs/{vpg}                              VpgStatus                     404
+    GET    /v1/protected/{vpg}                         ProtectedVpgStatus            404
     GET    /v1/vpgs/{vpg}/volumes/{volume}             VolumeStatus                  404
     POST   /v1/vpgs/{vpg}/volumes/{volume}/mirror-ready  MirrorReadyRequest -> VolumeStatus  409
     POST   /v1/vpgs/{vpg}/checkpoints  CheckpointRequest  201 CheckpointInfo         409
@@ -55,6 +56,7 @@ from .models import (
     ImageRequest,
     MirrorReadyRequest,
     PromoteRequest,
+    ProtectedVpgStatus,
     VolumeStatus,
     VpgStatus,
     check_checkpoint_ref,
@@ -249,6 +251,7 @@ class ControlServer:
         r.add_put("/v1/config", self._put_config)
         r.add_get("/v1/status", self._status)
         r.add_get("/v1/vpgs/{vpg}", self._vpg_status)
+        r.add_get("/v1/protected/{vpg}", self._protected_status)
         r.add_get("/v1/vpgs/{vpg}/volumes/{volume}", self._volume_status)
         r.add_post("/v1/vpgs/{vpg}/volumes/{volume}/mirror-ready", self._mirror_ready)
         r.add_post("/v1/vpgs/{vpg}/checkpoints", self._take_checkpoint)
@@ -288,6 +291,10 @@ class ControlServer:
     async def _vpg_status(self, request: web.Request) -> web.Response:
         vpg = request.match_info["vpg"]
         return _json(VpgStatus.model_validate(self._appliance.vpg_status(vpg)))
+
+    async def _protected_status(self, request: web.Request) -> web.Response:
+        vpg = request.match_info["vpg"]
+        return _json(ProtectedVpgStatus.model_validate(self._appliance.protected_status(vpg)))
 
     def _volume(self, request: web.Request) -> VolumeStatus:
         vpg, volume = request.match_info["vpg"], request.match_info["volume"]

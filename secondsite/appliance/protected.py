@@ -1,0 +1,756 @@
+"""The protected side of replication: a VPG's volumes captured here and streamed to its recovery
+appliance, with no journal on this appliance.
+
+The capture exports of `capture.py` submit every change to a :class:`ProtectedVpg` (their write
+target), which numbers it into the VPG's :class:`ProtectedBuffer`; a :class:`StreamSender` ships
+the buffer to the recovery appliance, which journals it. Replication is asynchronous: a write is
+acknowledged once (in-path) the backing store has it and its record is in the buffer, or (mirror
+target) its record is in the buffer. The RPO is the age of the oldest record the recovery side
+has not acknowledged durable (a few seconds at most while the link keeps up).
+
+State machine of a replicated volume (`vpg.SyncState`)::
+
+                 new volume                      unclean stop / recovery side lost records
+                     |                                        |
+                     v                                        v
+               InitialSync ----- every region shipped, ----> Protected <--- DeltaSync
+                     ^           and acknowledged durable      |    ^     (full resync)
+                     |                                         |    |
+                     +-- (overflow during a sync: the sync     |    | every dirty region shipped
+                          goes on with the new regions)        v    | and acknowledged
+                                                           BitmapSync
+                                                  (buffer full: in-path only)
+
+- *In-path volumes* are synced by one mechanism, a per-volume :class:`DirtyMap` shipped in the
+  background (:meth:`ProtectedVpg._ship_loop`): an initial or full resync marks the whole volume
+  dirty; an overflow of the buffer spills the buffer's unacknowledged records into the maps. While a
+  volume is not *streaming*, its new writes only mark regions dirty. The shipper claims a region
+  with the volume's :class:`~secondsite.appliance.capture.RegionGuard` (so that no concurrent write
+  races it), reads the backing store and appends a WRITE record (or a ZERO for a hole); the moment
+  a volume's map is found empty, the volume streams again, and once everything shipped is
+  acknowledged durable it is Protected. Shipping waits while the link is down or the buffer is
+  half full.
+- *Mirror targets* keep no copy of the source, so nothing can be re-read: a write that does not fit
+  in the buffer waits for room (backpressure on the hypervisor, whose guest write is blocked
+  meanwhile) for at most :data:`MIRROR_BACKPRESSURE_SECONDS`; then the write fails with EIO and the
+  volume is NotSynced until QEMU reports a (new) mirror job ready. Their initial sync is QEMU's
+  (``sync=full``), as with local capture.
+
+A delta sync by block checksums (ask the recovery side for hashes of its latest view, ship only what
+differs) needs a request/response in the stream protocol, which it does not have yet: after an
+unclean stop every in-path volume gets a full resync instead (holes are shipped as ZERO records,
+so sparse volumes stay cheap).
+
+Checkpoints: the recovery appliance sends HOLD; :meth:`ProtectedVpg._on_hold` closes the VPG's
+:class:`AckGate` (new acknowledgements wait) and appends a CHECKPOINT_MARK after every record
+appended so far, whose payload (:func:`mark_payload`) says whether this source is consistent
+(every volume Protected); RELEASE opens the gate. Every write acknowledged before the hold has a
+record before the mark; none after it is acknowledged until the recovery side has marked its cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import json
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Generator
+from typing import Any, Final
+
+from secondsite.appliance.capture import InPathExport, MirrorTargetExport
+from secondsite.appliance.config import (
+    CaptureMode,
+    Compression,
+    ProtectedVpgSpec,
+    StreamTlsSpec,
+    VolumeSpec,
+)
+from secondsite.appliance.nbd.export import NBDError
+from secondsite.appliance.resync import ResyncProgress
+from secondsite.appliance.stream import (
+    BandwidthLimiter,
+    BufferFull,
+    DirtyMap,
+    ProtectedBuffer,
+    SenderSettings,
+    StreamSender,
+    VolumeEntry,
+    client_context,
+    tcp_connector,
+)
+from secondsite.appliance.vpg import (
+    CaptureStateFile,
+    MirrorWatch,
+    SyncState,
+    TaskSet,
+    VolumeRuntime,
+    mirror_sync_state,
+    open_backing,
+    volume_status,
+)
+
+__all__ = [
+    "MIRROR_BACKPRESSURE_SECONDS",
+    "AckGate",
+    "ProtectedVpg",
+    "mark_payload",
+    "parse_mark",
+    "sender_settings",
+]
+
+log = logging.getLogger(__name__)
+
+MIRROR_BACKPRESSURE_SECONDS: Final = 30.0
+"""How long a mirror-target write waits for room in a full protected buffer before it fails."""
+SHIP_CHUNK: Final = 1 << 20
+"""Bytes of a dirty region read and shipped under one RegionGuard claim."""
+_SHIP_BATCH: Final = 16 << 20
+"""Bytes of dirty regions taken from a map at a time."""
+_MAX_ZERO: Final = 1 << 30
+_ZEROES: Final = bytes(SHIP_CHUNK)
+_DRAIN_SECONDS: Final = 10.0
+"""At a clean stop, how long to wait for the recovery side to acknowledge the buffer."""
+_RATE_PERIOD: Final = 1.0
+
+
+def mark_payload(consistent: bool, state: str) -> bytes:
+    """The payload of a CHECKPOINT_MARK: this source's word on the cut, as compact JSON
+    ``{"consistent": bool, "state": "<VPG state>"}``."""
+    return json.dumps({"consistent": consistent, "state": state}, separators=(",", ":")).encode()
+
+
+def parse_mark(payload: bytes | memoryview) -> tuple[bool, str]:
+    """(consistent, state) from a mark's payload; anything unreadable is not consistent."""
+    try:
+        data = json.loads(bytes(payload))
+        return data["consistent"] is True, str(data.get("state", ""))
+    except (ValueError, KeyError, TypeError):
+        return False, "unknown"
+
+
+def sender_settings(compression: Compression) -> SenderSettings:
+    """The stream sender's settings for a VPG's compression choice."""
+    if compression is Compression.NONE:
+        return SenderSettings(compression_level=None)
+    return SenderSettings(
+        compression_level=3, adaptive_compression=compression is Compression.ADAPTIVE
+    )
+
+
+class _Passed:
+    """An awaitable that completes at once (the ack gate is open)."""
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield  # a generator that returns at once
+
+
+_PASSED: Final = _Passed()
+
+
+class AckGate:
+    """Holds the acknowledgements of a VPG's writes while checkpoint cuts are being marked.
+
+    A write's ack waits only if the gate was closed when the write was submitted: a write submitted
+    while the gate was open was numbered before any mark appended since, so acknowledging it is
+    always safe; one submitted while a hold is on was numbered after the mark and must not be
+    acknowledged until the recovery side has marked its cut.
+    """
+
+    def __init__(self) -> None:
+        self._holds: set[int] = set()
+        self._released: asyncio.Future[None] | None = None
+        self._since = 0.0
+        self.hold_seconds: list[float] = []
+        """Recent holds, closed to opened, seconds."""
+
+    @property
+    def held(self) -> bool:
+        return bool(self._holds)
+
+    def close(self, request: int) -> None:
+        if not self._holds:
+            self._released = asyncio.get_running_loop().create_future()
+            self._since = time.perf_counter()
+        self._holds.add(request)
+
+    def open(self, request: int) -> None:
+        if request not in self._holds:
+            return
+        self._holds.discard(request)
+        if not self._holds and self._released is not None:
+            self._released.set_result(None)
+            self._released = None
+            self.hold_seconds = [*self.hold_seconds[-999:], time.perf_counter() - self._since]
+
+    def passage(self) -> Awaitable[None]:
+        """What a write awaits before its ack (see the class doc)."""
+        if self._released is None:
+            return _PASSED
+        # Shielded: a cancelled write must not cancel everybody's wait.
+        return asyncio.shield(self._released)
+
+
+@dataclasses.dataclass(eq=False)
+class _Replicated:
+    """One volume's place in the stream: its index in the volume table, and for in-path volumes
+    the dirty-region map and whether new writes go to the buffer (streaming) or the map."""
+
+    index: int
+    vol: VolumeRuntime
+    dirty: DirtyMap | None
+    streaming: bool = True
+    overflows: int = 0
+    """Times the buffer overflowed while this volume streamed (a sync ends only without one)."""
+    syncing_since: float | None = None
+    """Wall-clock time the current sync started (it bounds the RPO while the volume syncs)."""
+
+    @property
+    def in_path(self) -> bool:
+        return self.dirty is not None
+
+
+class ProtectedVpg:
+    """One VPG captured here and replicated to ``spec.recovery``. `await start()`, serve its
+    exports (:attr:`volumes`), `await stop()`. It is the write target of its capture exports."""
+
+    def __init__(
+        self,
+        spec: ProtectedVpgSpec,
+        volumes: list[VolumeSpec],
+        *,
+        source: str,
+        tls: StreamTlsSpec | None,
+        limiter: BandwidthLimiter,
+        settings: SenderSettings | None = None,
+    ) -> None:
+        self.name = spec.vpg
+        self.spec = spec
+        self.source = source
+        self.volume_specs = volumes
+        self.volumes: dict[str, VolumeRuntime] = {}
+        self._sides: dict[str, _Replicated] = {}
+        self.tasks = TaskSet(self.name)
+        self._state = CaptureStateFile(spec.directory / "capture-state.json")
+        self._mirrors = MirrorWatch(self.name, self.tasks, self._set_mirror_state)
+        self.gate = AckGate()
+        self.buffer = ProtectedBuffer(spec.buffer_size())
+        host, port = spec.recovery_address()
+        context: ssl.SSLContext | None = None
+        if tls is not None:
+            context = client_context(
+                tls.cert_file, tls.key_file, tls.ca_file, check_hostname=tls.verify_hostname
+            )
+        self._connect = tcp_connector(host, port, ssl_context=context)
+        self._flow = limiter.flow(self.name, spec.priority)
+        self._settings = settings or sender_settings(spec.compression)
+        self.sender: StreamSender | None = None
+        self._work = asyncio.Event()
+        self._space = asyncio.Lock()
+        self.spills = 0
+        self._rates: dict[str, float] = {"written": 0.0, "wire": 0.0}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.spec.directory.mkdir(parents=True, exist_ok=True)
+        clean = await self._state.open()
+        try:
+            for index, vs in enumerate(self.volume_specs):
+                side = self._start_volume(index, vs, clean)
+                self._sides[vs.name] = side
+                self.volumes[vs.name] = side.vol
+        except BaseException:
+            self._close_volumes()
+            raise
+        self.sender = StreamSender(
+            vpg=self.name,
+            source=self.source,
+            volumes=[VolumeEntry(n, v.export.size) for n, v in self.volumes.items()],
+            buffer=self.buffer,
+            connect=self._connect,
+            settings=self._settings,
+            on_hold=self._on_hold,
+            on_release=self._on_release,
+            on_gap=self._on_gap,
+            bandwidth=self._flow,
+        )
+        self.sender.start()
+        self.tasks.spawn(self._ship_loop(), "ship dirty regions")
+        self.tasks.spawn(self._rate_loop(), "rates")
+        for side in self._sides.values():
+            if side.in_path and not side.streaming:
+                await self._state.set_synced(side.vol.spec.name, False)
+        self._work.set()
+        log.info(
+            "vpg=%s event=protected-started source=%s recovery=%s volumes=%s clean=%s",
+            self.name,
+            self.source,
+            self.spec.recovery,
+            ",".join(self.volumes),
+            clean,
+        )
+
+    def _start_volume(self, index: int, vs: VolumeSpec, clean: bool) -> _Replicated:
+        known = self._state.known(vs.name)
+        if vs.capture is CaptureMode.IN_PATH:
+            backing = open_backing(vs)
+            vol = VolumeRuntime(vs, InPathExport(vs.name, self, backing), SyncState.PROTECTED)
+            side = _Replicated(index, vol, DirtyMap(backing.size))
+            if not known.get("synced"):
+                self._begin_sync(side, SyncState.INITIAL_SYNC, "new volume")
+            elif not clean:
+                self._begin_sync(
+                    side,
+                    SyncState.DELTA_SYNC,
+                    "unclean stop: full resync (no delta sync by checksums yet)",
+                )
+            return side
+        size = vs.size_bytes()
+        assert size is not None  # the config model requires it for mirror targets
+        synced = bool(known.get("synced")) and clean
+        vol = VolumeRuntime(
+            vs,
+            MirrorTargetExport(vs.name, self, size),
+            SyncState.PROTECTED if synced else SyncState.INITIAL_SYNC,
+            "" if synced else "waiting for the mirror job to be ready",
+        )
+        if vs.qmp_socket is not None and vs.mirror_job is not None:
+            self._mirrors.watch(vol, vs.qmp_socket, vs.mirror_job)
+        return _Replicated(index, vol, None)
+
+    async def stop(self) -> None:
+        """Ship what the buffer holds (bounded), stop streaming, record a clean stop. Volumes
+        whose changes did not all reach the recovery side are resynced at the next start."""
+        await self.tasks.cancel_all()
+        self._mirrors.clear()
+        drained = await self._drain()
+        if self.sender is not None:
+            await self.sender.close()
+        for side in self._sides.values():
+            dirty = side.dirty is not None and side.dirty.dirty_regions > 0
+            if not drained or dirty or not side.vol.synced:
+                await self._state.set_synced(side.vol.spec.name, False)
+        self._close_volumes()
+        await self._state.close()
+        log.info("vpg=%s event=protected-stopped drained=%s", self.name, drained)
+
+    async def _drain(self) -> bool:
+        if self.sender is None or not self.buffer.count:
+            return True
+        if not self.sender.connected:
+            return False
+        try:
+            async with asyncio.timeout(_DRAIN_SECONDS):
+                await self.sender.wait_durable(self.buffer.last_seq)
+        except TimeoutError:
+            return False
+        return self.buffer.count == 0
+
+    def _close_volumes(self) -> None:
+        for vol in self.volumes.values():
+            if isinstance(vol.export, InPathExport):
+                vol.export.backing.close()
+            else:
+                vol.export.close()
+
+    # -- the write target ---------------------------------------------------------------------
+
+    def submit_write(self, volume: str, offset: int, data: bytes | memoryview) -> Awaitable[None]:
+        side = self._sides[volume]
+        i, buffer = side.index, self.buffer
+        return self._submit(side, offset, len(data), lambda: buffer.append_write(i, offset, data))
+
+    def submit_zero(self, volume: str, offset: int, length: int) -> Awaitable[None]:
+        side = self._sides[volume]
+        i, buffer = side.index, self.buffer
+        return self._submit(side, offset, length, lambda: buffer.append_zero(i, offset, length))
+
+    def submit_trim(self, volume: str, offset: int, length: int) -> Awaitable[None]:
+        side = self._sides[volume]
+        i, buffer = side.index, self.buffer
+        return self._submit(side, offset, length, lambda: buffer.append_trim(i, offset, length))
+
+    def _submit(
+        self, side: _Replicated, offset: int, length: int, append: Callable[[], int]
+    ) -> Awaitable[None]:
+        if offset < 0 or length < 0 or offset + length > side.vol.export.size:
+            raise NBDError(errno.EINVAL, f"[{offset}, {offset + length}) outside the volume")
+        if side.dirty is None:
+            if not self._space.locked():
+                try:
+                    append()
+                    return self.gate.passage()
+                except BufferFull:
+                    pass
+            return self._wait_for_room(side, append)
+        if side.streaming:
+            try:
+                append()
+                return self.gate.passage()
+            except BufferFull:
+                self._overflow(side)
+        side.dirty.mark(offset, length)
+        self._work.set()
+        return self.gate.passage()
+
+    async def _wait_for_room(self, side: _Replicated, append: Callable[[], int]) -> None:
+        """Backpressure for a mirror target (see the module doc): one waiter at a time, in
+        arrival order, so that writes keep their order."""
+        deadline = time.monotonic() + MIRROR_BACKPRESSURE_SECONDS
+        async with self._space:
+            while True:
+                try:
+                    append()
+                    break
+                except BufferFull:
+                    pass
+                if not self.buffer.count:  # empty, and still no room: the write is too large
+                    self._mirror_failed(side, "the write is larger than the protected buffer")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._mirror_failed(
+                        side,
+                        f"the protected buffer stayed full for {MIRROR_BACKPRESSURE_SECONDS:g} s",
+                    )
+                try:
+                    async with asyncio.timeout(remaining):
+                        await self.buffer.wait_acked(self.buffer.acked_seq + 1)
+                except TimeoutError:
+                    pass
+        await self.gate.passage()
+
+    def _mirror_failed(self, side: _Replicated, why: str) -> None:
+        vol = side.vol
+        reason = f"a write failed ({why}); the recovery side misses it until a new full mirror"
+        if vol.state is not SyncState.NOT_SYNCED:
+            log.error(
+                "vpg=%s volume=%s event=mirror-write-failed reason=%r",
+                self.name,
+                vol.spec.name,
+                why,
+            )
+        vol.state, vol.reason = SyncState.NOT_SYNCED, reason
+        self.tasks.spawn(self._state.set_synced(vol.spec.name, False), "state")
+        raise NBDError(errno.EIO, f"write: {why}")
+
+    def _overflow(self, side: _Replicated) -> None:
+        """The buffer is full: in-path volumes fall back to bitmap sync. When every volume here
+        is in-path, the buffer's unacknowledged records become dirty regions (their data is in
+        the backing stores); with a mirror target among them they stay, and only the volume
+        whose write did not fit falls back."""
+        spilled = 0
+        if all(s.in_path for s in self._sides.values()):
+            maps = {s.index: s.dirty for s in self._sides.values() if s.dirty is not None}
+            stats = self.buffer.spill(maps)
+            self.spills += 1
+            spilled = stats.records
+            fallen = list(self._sides.values())
+        else:
+            fallen = [side]
+        for s in fallen:
+            s.overflows += 1
+            if s.streaming:
+                s.streaming = False
+                if s.vol.state is SyncState.PROTECTED:
+                    self._begin_sync(s, SyncState.BITMAP_SYNC, "protected buffer full")
+        log.warning(
+            "vpg=%s event=buffer-overflow volumes=%s spilled_records=%d",
+            self.name,
+            ",".join(s.vol.spec.name for s in fallen),
+            spilled,
+        )
+        self._work.set()
+
+    def _begin_sync(self, side: _Replicated, state: SyncState, reason: str) -> None:
+        assert side.dirty is not None
+        if state is not SyncState.BITMAP_SYNC:
+            side.dirty.mark_all()
+        side.streaming = False
+        side.vol.state, side.vol.reason = state, reason
+        side.syncing_since = time.time()
+        side.vol.progress = ResyncProgress(reason, side.dirty.dirty_bytes)
+        log.info(
+            "vpg=%s volume=%s event=sync-start state=%s reason=%r dirty_bytes=%d",
+            self.name,
+            side.vol.spec.name,
+            state,
+            reason,
+            side.dirty.dirty_bytes,
+        )
+
+    def _on_gap(self, position: int, durable: int) -> None:
+        """The recovery side lost records it had acknowledged: resync everything."""
+        for side in self._sides.values():
+            why = f"the recovery side lost records (position {position} < {durable})"
+            if side.in_path:
+                self._begin_sync(side, SyncState.DELTA_SYNC, why + ": full resync")
+            else:
+                side.vol.state, side.vol.reason = SyncState.NOT_SYNCED, why
+        self._work.set()
+
+    # -- shipping dirty regions ---------------------------------------------------------------
+
+    def _needs_shipping(self) -> list[_Replicated]:
+        return [s for s in self._sides.values() if s.dirty is not None and not s.streaming]
+
+    async def _ship_loop(self) -> None:
+        assert self.sender is not None
+        while True:
+            pending = self._needs_shipping()
+            if not pending:
+                self._work.clear()
+                await self._work.wait()
+                continue
+            if not self.sender.connected:
+                await asyncio.sleep(0.05)  # nothing would leave: keep the changes as regions
+                continue
+            if self.buffer.used_bytes > self.buffer.capacity_bytes // 2:
+                try:
+                    async with asyncio.timeout(0.5):
+                        await self.buffer.wait_acked(self.buffer.acked_seq + 1)
+                except TimeoutError:
+                    pass
+                continue
+            for side in pending:
+                await self._ship_batch(side)
+
+    async def _ship_batch(self, side: _Replicated) -> None:
+        dirty = side.dirty
+        assert dirty is not None
+        regions = dirty.take_batch(_SHIP_BATCH)
+        overflows = side.overflows
+        if not dirty.dirty_regions:
+            # Taken in the same step as the check: no write came between. New writes stream;
+            # any to a region still to be shipped is numbered before the copy, or waits for it.
+            side.streaming = True
+        for offset, length in regions:
+            try:
+                await self._ship_region(side, offset, length)
+            except BaseException:
+                dirty.mark(offset, length)  # not shipped: keep it for the next round
+                raise
+        if side.streaming and not dirty.dirty_regions:
+            self.tasks.spawn(self._finish_sync(side, overflows), f"sync {side.vol.spec.name}")
+
+    async def _ship_region(self, side: _Replicated, offset: int, length: int) -> None:
+        export = side.vol.export
+        assert isinstance(export, InPathExport) and side.dirty is not None
+        end = offset + length
+        pos = offset
+        while pos < end:
+            extents = await export.backing.block_status(pos, end - pos)
+            hole = bool(extents[0][1] & 2)
+            step = min(extents[0][0], end - pos, _MAX_ZERO) if hole else min(SHIP_CHUNK, end - pos)
+            await export.guard.claim(pos, pos + step)
+            try:
+                if hole:  # look again, now that no write can land in it
+                    extents = await export.backing.block_status(pos, step)
+                    hole = bool(extents[0][1] & 2) and extents[0][0] >= step
+                    if not hole:
+                        step = min(SHIP_CHUNK, step)
+                if hole:
+                    self.buffer.append_zero(side.index, pos, step)
+                else:
+                    data = await export.backing.read(pos, step)
+                    if data == _ZEROES[:step]:
+                        self.buffer.append_zero(side.index, pos, step)
+                    else:
+                        self.buffer.append_write(side.index, pos, data)
+            except BufferFull:
+                side.dirty.mark(pos, end - pos)
+                self._overflow(side)
+                return
+            finally:
+                export.guard.release()
+            pos += step
+            self._progress(side, step)
+
+    def _progress(self, side: _Replicated, shipped: int) -> None:
+        p = side.vol.progress
+        if p is not None and side.dirty is not None:
+            p.done_bytes += shipped
+            p.total_bytes = p.done_bytes + side.dirty.dirty_bytes
+
+    async def _finish_sync(self, side: _Replicated, overflows: int) -> None:
+        """Once everything shipped is durable over there, the volume is Protected, unless the
+        buffer overflowed meanwhile (then the regions are being shipped again)."""
+        await self.buffer.wait_acked(self.buffer.last_seq)
+        if side.overflows != overflows or not side.streaming or side.vol.synced:
+            return
+        assert side.dirty is not None
+        if side.dirty.dirty_regions:
+            return
+        vol = side.vol
+        if vol.progress is not None:
+            vol.progress.finished = time.monotonic()
+        log.info(
+            "vpg=%s volume=%s event=sync-done from=%s seconds=%.1f",
+            self.name,
+            vol.spec.name,
+            vol.state,
+            time.time() - (side.syncing_since or time.time()),
+        )
+        vol.state, vol.reason = SyncState.PROTECTED, ""
+        side.syncing_since = None
+        await self._state.set_synced(vol.spec.name, True)
+
+    # -- mirror targets ----------------------------------------------------------------------
+
+    def set_mirror_ready(self, volume: str, ready: bool) -> None:
+        """What the control API calls when whoever runs the mirror says it is (not) ready."""
+        vol = self.volumes[volume]
+        if not isinstance(vol.export, MirrorTargetExport):
+            raise ValueError(f"volume {volume} is not a mirror target")
+        self._set_mirror_state(vol, ready, "told by the control API")
+
+    def _set_mirror_state(self, vol: VolumeRuntime, ready: bool | None, why: str) -> None:
+        new = mirror_sync_state(ready)
+        if new is vol.state:
+            return
+        log.info(
+            "vpg=%s volume=%s event=sync-state from=%s to=%s why=%r",
+            self.name,
+            vol.spec.name,
+            vol.state,
+            new,
+            why,
+        )
+        vol.state = new
+        vol.reason = "" if ready else why
+        self.tasks.spawn(self._state.set_synced(vol.spec.name, bool(ready)), "state")
+
+    # -- checkpoint holds ---------------------------------------------------------------------
+
+    @property
+    def consistent(self) -> bool:
+        """Every volume is Protected: a cut marked now is a consistent one."""
+        return all(v.synced for v in self.volumes.values())
+
+    async def _on_hold(self, request: int) -> int:
+        self.gate.close(request)
+        try:
+            return self.buffer.append_mark(request, mark_payload(self.consistent, self.state))
+        except BufferFull:
+            self.gate.open(request)
+            raise
+
+    async def _on_release(self, request: int) -> None:
+        self.gate.open(request)
+
+    # -- status ------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """Disconnected, InitialSync, DeltaSync, BitmapSync, NotSynced or Protected."""
+        if self.sender is None or not self.sender.connected:
+            return "Disconnected"
+        states = {v.state for v in self.volumes.values()}
+        for s in (
+            SyncState.INITIAL_SYNC,
+            SyncState.DELTA_SYNC,
+            SyncState.BITMAP_SYNC,
+            SyncState.NOT_SYNCED,
+        ):
+            if s in states:
+                return str(s)
+        return str(SyncState.PROTECTED)
+
+    def reason(self) -> str:
+        if self.sender is None or not self.sender.connected:
+            error = self.sender.last_error if self.sender is not None else ""
+            return f"not connected to {self.spec.recovery}" + (f": {error}" if error else "")
+        return "; ".join(
+            f"{name}: {v.reason}" for name, v in self.volumes.items() if not v.synced and v.reason
+        )
+
+    def rpo_seconds(self) -> float:
+        """How far the recovery side may be behind: the age of the oldest record it has not
+        acknowledged, or of the oldest sync still running (its regions are not there yet)."""
+        assert self.sender is not None
+        lag = self.buffer.lag_seconds()
+        starts = [s.syncing_since for s in self._sides.values() if s.syncing_since is not None]
+        if starts:
+            lag = max(lag, time.time() - min(starts))
+        return lag
+
+    async def _rate_loop(self) -> None:
+        assert self.sender is not None
+        last = time.monotonic()
+        written, wire = self.buffer.appended_bytes, self.sender.metrics().wire_bytes_sent
+        while True:
+            await asyncio.sleep(_RATE_PERIOD)
+            now = time.monotonic()
+            m = self.sender.metrics()
+            elapsed = max(now - last, 1e-6)
+            self._rates["written"] = (m.appended_bytes - written) / elapsed
+            self._rates["wire"] = (m.wire_bytes_sent - wire) / elapsed
+            last, written, wire = now, m.appended_bytes, m.wire_bytes_sent
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-able summary (`control.models.ProtectedVpgStatus`)."""
+        assert self.sender is not None
+        m = self.sender.metrics()
+        b = self.buffer
+        holds = self.gate.hold_seconds
+        volumes: dict[str, Any] = {}
+        for name, v in self.volumes.items():
+            volumes[name] = volume_status(v)
+            dirty = self._sides[name].dirty
+            volumes[name]["dirtyBytes"] = None if dirty is None else dirty.dirty_bytes
+        return {
+            "vpg": self.name,
+            "source": self.source,
+            "recovery": self.spec.recovery,
+            "priority": str(self.spec.priority),
+            "state": self.state,
+            "reason": self.reason(),
+            "consistent": self.consistent,
+            "connected": m.connected,
+            "rpoSeconds": self.rpo_seconds(),
+            "buffer": {
+                "usedBytes": b.used_bytes,
+                "capacityBytes": b.capacity_bytes,
+                "usedPercent": round(100.0 * b.used_bytes / b.capacity_bytes, 1),
+                "records": b.count,
+                "spills": self.spills,
+            },
+            "throughput": {
+                "writtenBytesPerSecond": round(self._rates["written"], 1),
+                "wireBytesPerSecond": round(self._rates["wire"], 1),
+            },
+            "stream": {
+                "sessions": m.sessions,
+                "connectFailures": m.connect_failures,
+                "lastError": m.last_error,
+                "durableSeq": m.durable_seq,
+                "sentSeq": m.sent_seq,
+                "appendedBytes": m.appended_bytes,
+                "payloadBytesSent": m.payload_bytes_sent,
+                "wireBytesSent": m.wire_bytes_sent,
+                "wireRatio": round(m.wire_ratio, 3),
+                "holds": m.holds,
+                "holdsExpired": m.holds_expired,
+            },
+            "holdMs": _percentiles(holds),
+            "volumes": volumes,
+        }
+
+
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    if not samples:
+        return {}
+    ordered = sorted(samples)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3
+
+    return {
+        "count": float(len(ordered)),
+        "p50_ms": at(0.5),
+        "p99_ms": at(0.99),
+        "max_ms": ordered[-1] * 1e3,
+    }

@@ -1,0 +1,404 @@
+"""What the replication e2e tests share: a test PKI for the appliances' mutual TLS, appliance
+processes in the protected and recovery roles, a write workload over NBD, and convergence checks.
+
+Appliances are real `python -m secondsite appliance` processes (`appliance_harness.ApplianceProcess`
+of the single-appliance e2e tests), on loopback, with the control API over plain HTTP and a token.
+A recovery appliance's stream port is chosen up front, so that it comes back on the same address
+after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "appliance"))
+from appliance_harness import ApplianceProcess, NBDClient, connect_and_go, requires_peers
+
+from secondsite.appliance.config import ApplianceConfig
+from secondsite.appliance.control import ControlClient
+from secondsite.appliance.control.models import ProtectedVpgStatus, VpgStatus
+
+__all__ = [
+    "TOKEN",
+    "MiB",
+    "Node",
+    "Pki",
+    "Writer",
+    "eventually",
+    "free_port",
+    "identical",
+    "make_pki",
+    "protected_node",
+    "recovery_node",
+    "requires_peers",
+    "wait_identical",
+]
+
+KiB = 1024
+MiB = 1024 * KiB
+TOKEN = "replication-e2e-token"
+
+
+# -- PKI -----------------------------------------------------------------------------------------
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _ca(cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _appliance_cert(
+    cn: str, ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """An appliance's certificate: it serves the stream and connects to peers with it."""
+    ca_cert, ca_key = ca
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert, key
+
+
+@dataclass(frozen=True)
+class Pki:
+    dir: Path
+
+    def tls(self, name: str) -> dict[str, str]:
+        """The `streamTls` section of appliance ``name`` (signed by the site CA, or by another CA
+        for `intruder`)."""
+        ca = "other-ca" if name == "intruder" else "site-ca"
+        return {
+            "certFile": str(self.dir / f"{name}.crt"),
+            "keyFile": str(self.dir / f"{name}.key"),
+            "caFile": str(self.dir / f"{ca}.crt"),
+        }
+
+
+def make_pki(directory: Path, names: Sequence[str] = ("recovery", "prot-a", "prot-b")) -> Pki:
+    """A site CA and a certificate per appliance name; `intruder` gets one from another CA."""
+    site, other = _ca("site-ca"), _ca("other-ca")
+    for cn, ca in [*((n, site) for n in names), ("intruder", other)]:
+        cert, key = _appliance_cert(cn, ca)
+        (directory / f"{cn}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (directory / f"{cn}.key").write_bytes(_key_pem(key))
+    for cn, (cert, _) in (("site-ca", site), ("other-ca", other)):
+        (directory / f"{cn}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return Pki(directory)
+
+
+# -- appliances ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Node(ApplianceProcess):
+    """One appliance process with its own directory, NBD socket and control API."""
+
+    def __init__(self, workdir: Path, name: str, config: dict[str, Any]) -> None:
+        self.name = name
+        self.dir = workdir / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        token = self.dir / "token"
+        token.write_text(TOKEN + "\n")
+        os.chmod(token, 0o600)
+        self.nbd_socket = self.dir / "nbd.sock"
+        listen = {
+            "nbdUnix": str(self.nbd_socket),
+            "control": "127.0.0.1:0",
+            "tokenFile": str(token),
+            "controlPlainHttp": True,
+            **config.pop("listen", {}),
+        }
+        self.raw = {"name": name, "listen": listen, **config}
+        super().__init__(ApplianceConfig.model_validate(self.raw), self.dir)
+
+    def uri(self, export: str) -> str:
+        return f"nbd+unix:///{export}?socket={self.nbd_socket}"
+
+    @property
+    def control_url(self) -> str:
+        lines = self.ready_file.read_text().split()
+        return next(x.removeprefix("control:") for x in lines if x.startswith("control:"))
+
+    def client(self) -> ControlClient:
+        return ControlClient(self.control_url, token=TOKEN, timeout=10, retries=1)
+
+    async def vpg_status(self, vpg: str) -> VpgStatus:
+        async with self.client() as c:
+            return await c.vpg_status(vpg)
+
+    async def protected_status(self, vpg: str) -> ProtectedVpgStatus:
+        async with self.client() as c:
+            return await c.protected_status(vpg)
+
+
+def recovery_node(
+    workdir: Path, pki: Pki, port: int, vpg: str, sources: Sequence[str], **journal: Any
+) -> Node:
+    return Node(
+        workdir,
+        "recovery",
+        {
+            "listen": {"stream": f"127.0.0.1:{port}"},
+            "streamTls": pki.tls("recovery"),
+            "journals": [
+                {
+                    "vpg": vpg,
+                    "directory": str(workdir / "recovery" / "journal"),
+                    "sources": list(sources),
+                    "history": "1h",
+                    "hardLimit": "2Gi",
+                    "checkpointIntervalSeconds": 0.5,
+                    "segmentBytes": 16 * MiB,
+                    **journal,
+                }
+            ],
+        },
+    )
+
+
+def protected_node(
+    workdir: Path,
+    pki: Pki,
+    name: str,
+    port: int,
+    vpg: str,
+    volumes: dict[str, int],
+    *,
+    tls_name: str | None = None,
+    recovery: str | None = None,
+    **protected: Any,
+) -> Node:
+    """A protected appliance with in-path volumes (sparse backing files of the given sizes)."""
+    specs = []
+    for volume, size in volumes.items():
+        backing = workdir / f"{volume}.img"
+        with open(backing, "ab") as f:
+            f.truncate(size)
+        specs.append({"name": volume, "vpg": vpg, "backing": str(backing)})
+    return Node(
+        workdir,
+        name,
+        {
+            "streamTls": pki.tls(tls_name or name),
+            "protected": [
+                {
+                    "vpg": vpg,
+                    "recovery": recovery or f"127.0.0.1:{port}",
+                    "directory": str(workdir / name / "state"),
+                    **protected,
+                }
+            ],
+            "volumes": specs,
+        },
+    )
+
+
+# -- checks --------------------------------------------------------------------------------------
+
+
+def identical(source: Path, recovery: Node, volume: str, which: str = "latest") -> tuple[bool, str]:
+    """`qemu-img compare` of a protected backing file with the recovery side's PIT image."""
+    proc = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", "raw", str(source),
+         recovery.uri(f"pit/{volume}@{which}")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    return proc.returncode == 0, (proc.stdout + proc.stderr).strip()
+
+
+async def wait_identical(
+    sources: dict[str, Path], recovery: Node, timeout: float, which: str = "latest"
+) -> float:
+    """Wait until every volume's image on the recovery side equals its source; returns the
+    seconds it took."""
+    started = time.monotonic()
+    pending = dict(sources)
+    last = ""
+    while pending:
+        for volume, path in list(pending.items()):
+            same, last = await asyncio.to_thread(identical, path, recovery, volume, which)
+            if same:
+                del pending[volume]
+        if not pending:
+            break
+        if time.monotonic() - started > timeout:
+            raise AssertionError(
+                f"{sorted(pending)} not converged after {timeout}s: {last}\n"
+                f"--- recovery log:\n{recovery.log(40)}"
+            )
+        await asyncio.sleep(0.3)
+    return time.monotonic() - started
+
+
+async def eventually(check: Any, timeout: float, what: str) -> Any:
+    """Poll the async ``check`` until it returns something truthy (returned)."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = await check()
+        except Exception as e:  # the appliance may be restarting
+            last = e
+        else:
+            if last:
+                return last
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+# -- a write workload over NBD -------------------------------------------------------------------
+
+
+@dataclass
+class Writer:
+    """Random writes (4 KiB to 256 KiB, random content, some zeroes) to protected volumes over
+    NBD, ``depth`` at a time per volume, until stopped. A write whose connection dies is retried
+    on a new connection (the appliance may be restarting), so every write issued is eventually
+    acknowledged."""
+
+    node: Node
+    volumes: dict[str, int]
+    seed: int = 1
+    depth: int = 4
+    pause: float = 0.0
+    region: int | None = None
+    """Write only within the first ``region`` bytes of each volume (default: all of it)."""
+    acked: int = 0
+    acked_bytes: int = 0
+    reconnects: int = 0
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def start(self) -> None:
+        for i, volume in enumerate(self.volumes):
+            for lane in range(self.depth):
+                rng = random.Random(self.seed * 1000 + i * 10 + lane)
+                self._tasks.append(asyncio.create_task(self._lane(volume, lane, rng)))
+
+    async def _connect(self, volume: str) -> NBDClient:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client, _ = await connect_and_go(str(self.node.nbd_socket), volume)
+                return client
+            except (OSError, AssertionError, asyncio.IncompleteReadError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+
+    async def _lane(self, volume: str, lane: int, rng: random.Random) -> None:
+        size = self.region or self.volumes[volume]
+        lanes = self.depth
+        # Lanes write disjoint stripes: concurrent writes never overlap, so the final content
+        # does not depend on the order in which in-flight writes land.
+        stripe = size // lanes
+        base = lane * stripe
+        client = await self._connect(volume)
+        try:
+            while not self._stop.is_set():
+                length = rng.choice([4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB])
+                offset = base + rng.randrange(0, (stripe - length) // 4096) * 4096
+                zero = rng.random() < 0.05
+                data = bytes(length) if zero else rng.randbytes(length)
+                while True:
+                    try:
+                        if zero:
+                            await client.write_zeroes(offset, length)
+                        else:
+                            await client.write(offset, data)
+                        break
+                    except (OSError, EOFError, AssertionError, asyncio.IncompleteReadError,
+                            TimeoutError):  # fmt: skip
+                        await client.close()
+                        self.reconnects += 1
+                        client = await self._connect(volume)
+                self.acked += 1
+                self.acked_bytes += length
+                if self.pause:
+                    await asyncio.sleep(self.pause)
+        finally:
+            await client.close()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._tasks:
+            await asyncio.wait_for(asyncio.gather(*self._tasks), 90)

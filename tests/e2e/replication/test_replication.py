@@ -1,0 +1,151 @@
+"""A VPG replicated from a protected appliance to a recovery appliance over mutual TLS on loopback:
+initial sync, live writes, checkpoints and status on both sides, and a sender with a certificate
+the recovery appliance does not trust."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+
+import pytest
+from replication_harness import (
+    MiB,
+    Node,
+    Pki,
+    Writer,
+    eventually,
+    free_port,
+    protected_node,
+    recovery_node,
+    requires_peers,
+    wait_identical,
+)
+
+pytestmark = [pytest.mark.qemu, requires_peers, pytest.mark.timeout(180)]
+
+VPG = "db"
+VOLUMES = {"vol0": 64 * MiB, "vol1": 32 * MiB}
+
+
+def qemu_io(uri: str, *commands: str) -> None:
+    args = ["qemu-io", "-f", "raw"]
+    for c in commands:
+        args += ["-c", c]
+    proc = subprocess.run([*args, uri], capture_output=True, text=True, timeout=60, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "failed" not in out.lower(), out
+
+
+async def test_writes_through_the_protected_export_reach_the_recovery_side(
+    workdir: Path, pki: Pki, nodes: list[Node]
+) -> None:
+    port = free_port()
+    recovery = recovery_node(workdir, pki, port, VPG, ["prot-a"])
+    protected = protected_node(workdir, pki, "prot-a", port, VPG, VOLUMES)
+    sources = {v: workdir / f"{v}.img" for v in VOLUMES}
+    # Data that was there before protection started: the initial sync must bring it over.
+    qemu_io(str(sources["vol0"]), "write -P 0x5a 3M 5M", "write -P 0x11 60M 1M")
+    qemu_io(str(sources["vol1"]), "write -P 0x22 0 64k")
+    nodes += [recovery, protected]
+    recovery.start()
+    protected.start()
+
+    took = await wait_identical(sources, recovery, timeout=30)
+    print(f"[initial sync] converged in {took:.2f} s")
+
+    status = await eventually(
+        lambda: _protected_when(protected, "Protected"), 20, "protected side Protected"
+    )
+    assert status.connected and status.consistent
+    assert {v.state for v in status.volumes.values()} == {"Protected"}
+
+    # Live writes (qemu-io through the protected appliance's in-path exports), then the replica.
+    await asyncio.to_thread(
+        qemu_io,
+        protected.uri("vol0"),
+        "write -P 0xab 1M 4M",
+        "write -z 4M 64k",
+        "discard 10M 1M",
+        "write -P 0xcd 63M 1M",
+    )
+    await asyncio.to_thread(qemu_io, protected.uri("vol1"), "write -P 0xef 5M 3M")
+    took = await wait_identical(sources, recovery, timeout=10)
+    print(f"[live writes] converged in {took:.2f} s")
+
+    rec = await eventually(lambda: _recovery_when(recovery, "Protected"), 20, "recovery Protected")
+    assert rec.consistent and rec.replication is not None
+    source = rec.replication.sources["prot-a"]
+    assert source.connected and source.consistent and source.position > 0
+    assert sorted(source.volumes) == sorted(VOLUMES)
+    assert rec.newest_checkpoint is not None and rec.newest_checkpoint.consistent
+    assert rec.rpo_seconds is not None and rec.rpo_seconds < 3
+    assert rec.hold_ms and rec.hold_ms["p99_ms"] < 1000
+    status = await protected.protected_status(VPG)
+    assert status.rpo_seconds < 3 and status.buffer.used_bytes == 0
+    assert status.stream.sessions == 1 and status.stream.durable_seq > 0
+
+    # A clean stop of both; the protected side comes back without a resync.
+    protected.stop()
+    recovery.stop()
+    recovery.start()
+    protected.start()
+    status = await eventually(
+        lambda: _protected_when(protected, "Protected"), 20, "protected side Protected again"
+    )
+    assert "sync-start" not in protected.log().rpartition("--- start 1")[2]
+    await wait_identical(sources, recovery, timeout=10)
+    protected.stop()
+    recovery.stop()
+
+
+async def test_sender_with_a_foreign_certificate_is_refused(
+    workdir: Path, pki: Pki, nodes: list[Node]
+) -> None:
+    """An appliance whose certificate another CA signed, claiming to be a source of the VPG, is
+    refused at the TLS handshake (and logged); the recovery appliance goes on serving the good
+    one."""
+    port = free_port()
+    recovery = recovery_node(workdir, pki, port, VPG, ["prot-a"])
+    good = protected_node(workdir, pki, "prot-a", port, VPG, {"vol0": 16 * MiB})
+    intruder_dir = workdir / "intruder-side"
+    intruder_dir.mkdir()
+    intruder = protected_node(
+        intruder_dir, pki, "prot-a", port, VPG, {"vol0": 16 * MiB}, tls_name="intruder"
+    )
+    nodes += [recovery, good, intruder]
+    recovery.start()
+    good.start()
+    intruder.start()
+    writer = Writer(good, {"vol0": 16 * MiB}, depth=2, pause=0.005)
+    writer.start()
+    await asyncio.sleep(2.0)
+
+    recovery.wait_log("event=tls-refused", timeout=20)
+    status = await intruder.protected_status(VPG)
+    assert status.state == "Disconnected" and not status.connected
+    assert status.stream.connect_failures >= 1 and status.stream.sessions == 0
+    assert "not connected to" in status.reason
+
+    await writer.stop()
+    assert writer.acked > 0
+    await wait_identical({"vol0": workdir / "vol0.img"}, recovery, timeout=20)
+    async with recovery.client() as c:
+        st = await c.status()
+    assert st.stream_rejected >= 1 and st.stream_connections == 1
+    rec = st.vpgs[VPG]
+    assert rec.replication is not None and rec.replication.sources["prot-a"].connected
+    intruder.stop()
+    good.stop()
+    recovery.stop()
+    assert "Traceback" not in recovery.log(400)
+
+
+async def _protected_when(node: Node, state: str) -> object:
+    st = await node.protected_status(VPG)
+    return st if st.state == state else None
+
+
+async def _recovery_when(node: Node, state: str) -> object:
+    st = await node.vpg_status(VPG)
+    return st if st.state == state else None

@@ -1,0 +1,112 @@
+"""The recovery side's sink: records of several sources into one journal, positions durable with
+them, marks read for consistency, refusals; and the protected side's ack gate and mark payload."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from secondsite.appliance.journal import Journal, JournalConfig
+from secondsite.appliance.protected import AckGate, mark_payload, parse_mark
+from secondsite.appliance.recovery import JournalSink
+from secondsite.appliance.stream import NO_VOLUME, Op, Record, SinkError, SinkRefused, VolumeEntry
+
+KiB = 1024
+
+
+def write(seq: int, volume: int, offset: int, data: bytes) -> Record:
+    return Record(seq, volume, Op.WRITE, offset, len(data), memoryview(data))
+
+
+def mark(seq: int, request: int, consistent: bool) -> Record:
+    payload = mark_payload(consistent, "Protected" if consistent else "BitmapSync")
+    return Record(seq, NO_VOLUME, Op.CHECKPOINT_MARK, request, len(payload), payload)
+
+
+async def open_journal(path: Path) -> Journal:
+    return await Journal.open(path, JournalConfig(vpg="db"))
+
+
+async def attached(journal: Journal) -> JournalSink:
+    sink = JournalSink("db", journal, ["prot-a", "prot-b"])
+    sink.attach("prot-a", [VolumeEntry("a0", 64 * KiB)])
+    sink.attach("prot-b", [VolumeEntry("b0", 64 * KiB)])
+    # New volumes are added in the background; records meanwhile wait, in order.
+    first = sink.submit("prot-a", write(100, 0, 0, b"x" * 4096))
+    await asyncio.wait_for(first, 5)
+    return sink
+
+
+async def test_records_are_journaled_and_positions_follow_them(tmp_path: Path) -> None:
+    journal = await open_journal(tmp_path)
+    sink = await attached(journal)
+    assert {v.name for v in journal.volumes()} == {"a0", "b0"}
+    assert sink.position("prot-a") == 100
+    pending = [
+        sink.submit("prot-a", write(101, 0, 4096, b"a" * 4096)),
+        sink.submit("prot-b", write(7, 0, 0, b"b" * 4096)),
+        sink.submit("prot-a", Record(102, 0, Op.ZERO, 0, 4096)),
+        sink.submit("prot-b", mark(8, 1, consistent=True)),
+    ]
+    # One turn, one position record per source: every record of the turn shares its future.
+    assert pending[0] is pending[2] and pending[1] is pending[3]
+    assert sink.position("prot-a") == 100  # not durable yet
+    await asyncio.wait_for(asyncio.gather(*pending), 5)
+    assert dict(journal.positions) == {"prot-a": 102, "prot-b": 8}
+    assert sink.mark("prot-b", 8) == (True, "Protected")
+    view = await journal.open_latest("a0")
+    assert await view.read(0, 8192) == bytes(4096) + b"a" * 4096
+    view.close()
+    view = await journal.open_latest("b0")
+    assert await view.read(0, 4096) == b"b" * 4096
+    view.close()
+    await journal.close()
+
+    # Reopened (as after a restart), the journal says where each source resumes.
+    journal = await open_journal(tmp_path)
+    assert dict(journal.positions) == {"prot-a": 102, "prot-b": 8}
+    sink = JournalSink("db", journal, ["prot-a", "prot-b"])
+    sink.attach("prot-a", [VolumeEntry("a0", 64 * KiB)])
+    assert sink.position("prot-a") == 102
+    await journal.close()
+
+
+async def test_refusals(tmp_path: Path) -> None:
+    journal = await open_journal(tmp_path)
+    sink = await attached(journal)
+    with pytest.raises(SinkRefused, match="not a source of VPG db"):
+        sink.attach("intruder", [VolumeEntry("z", 4096)])
+    with pytest.raises(SinkRefused, match="the journal has 65536"):
+        sink.attach("prot-a", [VolumeEntry("a0", 128 * KiB)])
+    with pytest.raises(SinkRefused, match="comes from prot-a"):
+        sink.attach("prot-b", [VolumeEntry("a0", 64 * KiB), VolumeEntry("b0", 64 * KiB)])
+    with pytest.raises(SinkError, match="no volume index"):
+        sink.submit("prot-a", write(200, 3, 0, b"q"))
+    await journal.close()
+
+
+def test_mark_payload_round_trip_and_garbage() -> None:
+    assert parse_mark(mark_payload(True, "Protected")) == (True, "Protected")
+    assert parse_mark(mark_payload(False, "InitialSync")) == (False, "InitialSync")
+    assert parse_mark(b"") == (False, "unknown")
+    assert parse_mark(b'{"consistent": 1}') == (False, "")
+    assert parse_mark(b"\xff\x00") == (False, "unknown")
+
+
+async def test_ack_gate_holds_only_writes_submitted_during_a_hold() -> None:
+    gate = AckGate()
+    before = gate.passage()
+    gate.close(1)
+    during = asyncio.ensure_future(gate.passage())
+    await before  # submitted before the hold: numbered before the mark, free to go
+    gate.close(2)  # overlapping holds: the gate opens when the last one ends
+    gate.open(1)
+    await asyncio.sleep(0)
+    assert not during.done()
+    gate.open(2)
+    await asyncio.wait_for(during, 1)
+    assert not gate.held and len(gate.hold_seconds) == 1
+    gate.open(3)  # a release of an unknown hold changes nothing
+    await gate.passage()
