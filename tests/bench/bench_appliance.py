@@ -110,8 +110,9 @@ def running(
     create_sparse(image, size)
     sock = run_dir / "nbd.sock"
     stats = run_dir / "stats.json"
-    if server == "qemu-nbd":
-        argv = ["qemu-nbd", "-k", str(sock), "-f", "raw", "--cache=writeback", "-t", str(image)]
+    if server.startswith("qemu-nbd"):
+        cache = "writethrough" if server.endswith("durable") else "writeback"
+        argv = ["qemu-nbd", "-k", str(sock), "-f", "raw", f"--cache={cache}", "-t", str(image)]
         uri = f"nbd+unix:///?socket={sock}"
     else:
         argv = [sys.executable, __file__, "--serve", str(run_dir)]
@@ -121,7 +122,7 @@ def running(
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
-        ready = run_dir / "ready" if server != "qemu-nbd" else sock
+        ready = sock if server.startswith("qemu-nbd") else run_dir / "ready"
         while not ready.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
                 err = proc.stderr.read() if proc.stderr and proc.poll() is not None else ""
@@ -181,6 +182,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per cell, median (3)")
     parser.add_argument("--scale", type=float, default=1.0, help="scale request counts")
     parser.add_argument("--profile", type=Path, help="write cProfile data of the appliance here")
+    parser.add_argument(
+        "--durable-baseline",
+        action="store_true",
+        help="also qemu-nbd --cache=writethrough (every write durable before its ack, like the "
+        "appliance's journal): context for the ratios, not the issue's baseline",
+    )
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--profile-to", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -199,6 +206,8 @@ def main() -> None:
         workdir = Path(tmp)
         for load in loads(size, args.scale):
             results: dict[str, list[Result]] = {"qemu-nbd": [], "appliance": []}
+            if args.durable_baseline:
+                results["qemu-nbd-durable"] = []
             for _ in range(args.repeat):
                 for server in results:  # interleaved, so that drift hits both alike
                     r = measure(server, load, workdir, size, args.profile)
@@ -244,6 +253,14 @@ def print_table(rows: list[tuple[Load, dict[str, list[Result]]]]) -> None:
             f"| {load.name:22} | {fmt(base, load.unit):>9} | {fmt(ours, load.unit):>9} "
             f"| {ratio:5.2f} | {target:>9} | {holds:>20} | {batching:>13} | {cpu:>18} |"
         )
+    for load, results in rows:
+        if results.get("qemu-nbd-durable"):
+            durable = statistics.median(r.value for r in results["qemu-nbd-durable"])
+            ours = statistics.median(r.value for r in results["appliance"])
+            print(
+                f"| {load.name:22} | qemu-nbd --cache=writethrough (durable): "
+                f"{fmt(durable, load.unit)} {load.unit}, appliance/durable = {ours / durable:.2f}"
+            )
     print(
         "\n(IOPS and MB/s are medians; qemu-nbd does no fsync, the "
         "appliance fdatasyncs its journal before every ack; holds are the checkpoint cuts taken "
