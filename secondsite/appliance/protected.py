@@ -106,7 +106,8 @@ log = logging.getLogger(__name__)
 MIRROR_BACKPRESSURE_SECONDS: Final = 30.0
 """How long a mirror-target write waits for room in a full protected buffer before it fails."""
 SHIP_CHUNK: Final = 1 << 20
-"""Bytes of a dirty region read and shipped under one RegionGuard claim."""
+"""Most bytes of a dirty region read and shipped under one RegionGuard claim (an eighth of the
+buffer when that is less, so that a chunk always fits once the buffer is half empty)."""
 _SHIP_BATCH: Final = 16 << 20
 """Bytes of dirty regions taken from a map at a time."""
 _MAX_ZERO: Final = 1 << 30
@@ -248,9 +249,11 @@ class ProtectedVpg:
         self._flow = limiter.flow(self.name, spec.priority)
         self._settings = settings or sender_settings(spec.compression)
         self.sender: StreamSender | None = None
+        self._chunk = max(4096, min(SHIP_CHUNK, self.buffer.capacity_bytes // 8) // 4096 * 4096)
         self._work = asyncio.Event()
         self._space = asyncio.Lock()
         self.spills = 0
+        self._mark_seq = 0
         self._rates: dict[str, float] = {"written": 0.0, "wire": 0.0}
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -441,9 +444,10 @@ class ProtectedVpg:
         """The buffer is full: in-path volumes fall back to bitmap sync. When every volume here
         is in-path, the buffer's unacknowledged records become dirty regions (their data is in
         the backing stores); with a mirror target among them they stay, and only the volume
-        whose write did not fit falls back."""
+        whose write did not fit falls back. So do they while a checkpoint mark waits to be
+        sent (the recovery side has its MARKED: dropping the mark would fail the cut)."""
         spilled = 0
-        if all(s.in_path for s in self._sides.values()):
+        if all(s.in_path for s in self._sides.values()) and not self._mark_unsent():
             maps = {s.index: s.dirty for s in self._sides.values() if s.dirty is not None}
             stats = self.buffer.spill(maps)
             self.spills += 1
@@ -451,16 +455,19 @@ class ProtectedVpg:
             fallen = list(self._sides.values())
         else:
             fallen = [side]
+        switched = []
         for s in fallen:
             s.overflows += 1
             if s.streaming:
                 s.streaming = False
+                switched.append(s.vol.spec.name)
                 if s.vol.state is SyncState.PROTECTED:
                     self._begin_sync(s, SyncState.BITMAP_SYNC, "protected buffer full")
-        log.warning(
-            "vpg=%s event=buffer-overflow volumes=%s spilled_records=%d",
+        log.log(
+            logging.WARNING if switched else logging.DEBUG,
+            "vpg=%s event=buffer-overflow to_bitmap=%s spilled_records=%d",
             self.name,
-            ",".join(s.vol.spec.name for s in fallen),
+            ",".join(switched) or "-",
             spilled,
         )
         self._work.set()
@@ -544,14 +551,14 @@ class ProtectedVpg:
         while pos < end:
             extents = await export.backing.block_status(pos, end - pos)
             hole = bool(extents[0][1] & 2)
-            step = min(extents[0][0], end - pos, _MAX_ZERO) if hole else min(SHIP_CHUNK, end - pos)
+            step = min(extents[0][0], end - pos, _MAX_ZERO) if hole else min(self._chunk, end - pos)
             await export.guard.claim(pos, pos + step)
             try:
                 if hole:  # look again, now that no write can land in it
                     extents = await export.backing.block_status(pos, step)
                     hole = bool(extents[0][1] & 2) and extents[0][0] >= step
                     if not hole:
-                        step = min(SHIP_CHUNK, step)
+                        step = min(self._chunk, step)
                 if hole:
                     self.buffer.append_zero(side.index, pos, step)
                 else:
@@ -568,6 +575,9 @@ class ProtectedVpg:
                 export.guard.release()
             pos += step
             self._progress(side, step)
+            # Reads of the backing store may complete without suspending: let writes, the
+            # sender and the acks in.
+            await asyncio.sleep(0)
 
     def _progress(self, side: _Replicated, shipped: int) -> None:
         p = side.vol.progress
@@ -633,10 +643,15 @@ class ProtectedVpg:
     async def _on_hold(self, request: int) -> int:
         self.gate.close(request)
         try:
-            return self.buffer.append_mark(request, mark_payload(self.consistent, self.state))
+            seq = self.buffer.append_mark(request, mark_payload(self.consistent, self.state))
         except BufferFull:
             self.gate.open(request)
             raise
+        self._mark_seq = seq
+        return seq
+
+    def _mark_unsent(self) -> bool:
+        return self.sender is not None and self._mark_seq > self.sender.sent_seq
 
     async def _on_release(self, request: int) -> None:
         self.gate.open(request)

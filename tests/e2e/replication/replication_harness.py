@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "appliance"))
-from appliance_harness import ApplianceProcess, NBDClient, connect_and_go, requires_peers
+from appliance_harness import ApplianceProcess, NBDClient, requires_peers
 
 from secondsite.appliance.config import ApplianceConfig
 from secondsite.appliance.control import ControlClient
@@ -245,9 +245,12 @@ def protected_node(
     *,
     tls_name: str | None = None,
     recovery: str | None = None,
+    appliance: dict[str, Any] | None = None,
     **protected: Any,
 ) -> Node:
-    """A protected appliance with in-path volumes (sparse backing files of the given sizes)."""
+    """A protected appliance with in-path volumes (sparse backing files of the given sizes);
+    ``appliance``: more top-level settings (e.g. `bandwidthLimit`), ``protected``: more
+    settings of the protected VPG."""
     specs = []
     for volume, size in volumes.items():
         backing = workdir / f"{volume}.img"
@@ -268,6 +271,7 @@ def protected_node(
                 }
             ],
             "volumes": specs,
+            **(appliance or {}),
         },
     )
 
@@ -357,10 +361,16 @@ class Writer:
     async def _connect(self, volume: str) -> NBDClient:
         deadline = time.monotonic() + 60
         while True:
+            client: NBDClient | None = None
             try:
-                client, _ = await connect_and_go(str(self.node.nbd_socket), volume)
+                client = await NBDClient.connect_unix(str(self.node.nbd_socket))
+                await client.handshake()
+                await client.negotiate_structured()
+                await client.go(volume)
                 return client
-            except (OSError, AssertionError, asyncio.IncompleteReadError):
+            except (OSError, AssertionError, asyncio.IncompleteReadError, TimeoutError):
+                if client is not None:
+                    await client.close()
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.1)
