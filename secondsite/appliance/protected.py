@@ -227,8 +227,10 @@ class ProtectedVpg:
         tls: StreamTlsSpec | None,
         limiter: BandwidthLimiter,
         settings: SenderSettings | None = None,
+        backpressure_seconds: float = MIRROR_BACKPRESSURE_SECONDS,
     ) -> None:
         self.name = spec.vpg
+        self.backpressure_seconds = backpressure_seconds
         self.spec = spec
         self.source = source
         self.volume_specs = volumes
@@ -403,7 +405,7 @@ class ProtectedVpg:
     async def _wait_for_room(self, side: _Replicated, append: Callable[[], int]) -> None:
         """Backpressure for a mirror target (see the module doc): one waiter at a time, in
         arrival order, so that writes keep their order."""
-        deadline = time.monotonic() + MIRROR_BACKPRESSURE_SECONDS
+        deadline = time.monotonic() + self.backpressure_seconds
         async with self._space:
             while True:
                 try:
@@ -417,7 +419,7 @@ class ProtectedVpg:
                 if remaining <= 0:
                     self._mirror_failed(
                         side,
-                        f"the protected buffer stayed full for {MIRROR_BACKPRESSURE_SECONDS:g} s",
+                        f"the protected buffer stayed full for {self.backpressure_seconds:g} s",
                     )
                 try:
                     async with asyncio.timeout(remaining):

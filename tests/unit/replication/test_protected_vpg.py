@@ -1,0 +1,153 @@
+"""The protected side in one process, against a real stream receiver with an in-memory sink: what a
+full buffer does to a mirror target (backpressure, then EIO) and to an in-path volume (bitmap
+sync, then convergence once the link is back)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from secondsite.appliance.capture import InPathExport, MirrorTargetExport
+from secondsite.appliance.config import ProtectedVpgSpec, VolumeSpec
+from secondsite.appliance.nbd.export import NBDError
+from secondsite.appliance.protected import ProtectedVpg
+from secondsite.appliance.stream import (
+    BandwidthLimiter,
+    MemorySink,
+    ReceiverSettings,
+    SenderSettings,
+    StreamReceiver,
+)
+from secondsite.appliance.vpg import SyncState
+
+KiB = 1024
+MiB = 1024 * KiB
+FAST = SenderSettings(backoff_min=0.02, backoff_max=0.1, peer_timeout=2.0, heartbeat_interval=0.2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Rig:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.port = free_port()
+        self.sink = MemorySink()
+        self.receiver: StreamReceiver | None = None
+        self.vpgs: list[ProtectedVpg] = []
+
+    async def link_up(self) -> None:
+        self.receiver = StreamReceiver(
+            lambda vpg: self.sink if vpg == "db" else None,
+            ReceiverSettings(idle_timeout=2.0, heartbeat_interval=0.2),
+        )
+        await self.receiver.listen("127.0.0.1", self.port)
+
+    async def vpg(self, volumes: list[VolumeSpec], **kw: float) -> ProtectedVpg:
+        spec = ProtectedVpgSpec(
+            vpg="db",
+            recovery=f"127.0.0.1:{self.port}",
+            directory=self.tmp / "state",
+            buffer_bytes="1Mi",
+        )
+        pvpg = ProtectedVpg(
+            spec, volumes, source="prot-a", tls=None, limiter=BandwidthLimiter(None),
+            settings=FAST, **kw,
+        )  # fmt: skip
+        await pvpg.start()
+        self.vpgs.append(pvpg)
+        return pvpg
+
+    async def close(self) -> None:
+        for pvpg in self.vpgs:
+            await pvpg.stop()
+        if self.receiver is not None:
+            await self.receiver.close()
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    r = Rig(tmp_path)
+    try:
+        yield r
+    finally:
+        await asyncio.wait_for(r.close(), 30)
+
+
+async def until(check: object, timeout: float = 10.0) -> None:
+    assert callable(check)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def test_mirror_target_backpressure_then_eio(rig: Rig) -> None:
+    mirror = VolumeSpec(name="m0", vpg="db", capture="mirrorTarget", size="4Mi")
+    pvpg = await rig.vpg([mirror], backpressure_seconds=0.3)
+    export = pvpg.volumes["m0"].export
+    assert isinstance(export, MirrorTargetExport)
+    block = b"m" * (128 * KiB)
+    # The link is down: records stay in the 1 MiB buffer until it is full.
+    for i in range(7):
+        await export.write(i * len(block), block, fua=False)
+    with pytest.raises(NBDError) as info:
+        await export.write(7 * len(block), block, fua=False)
+    assert info.value.errno_code == errno.EIO
+    assert pvpg.volumes["m0"].state is SyncState.NOT_SYNCED
+    assert "new full mirror" in pvpg.volumes["m0"].reason
+    with pytest.raises(NBDError, match="keeps no copy"):
+        await export.read(0, 4096)
+
+    # A write waiting for room completes once the link is up and acknowledgements free it.
+    pvpg.backpressure_seconds = 10.0
+    waiting = asyncio.create_task(export.write(8 * len(block), block, fua=False))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    await rig.link_up()
+    await asyncio.wait_for(waiting, 10)
+    await until(lambda: pvpg.buffer.count == 0)
+    image = rig.sink.state.images["m0"]
+    assert image[: 7 * len(block)] == block * 7
+    assert image[8 * len(block) : 9 * len(block)] == block
+
+
+async def test_in_path_overflow_falls_back_to_bitmap_sync_and_converges(
+    rig: Rig, tmp_path: Path
+) -> None:
+    backing = tmp_path / "d0.img"
+    with open(backing, "wb") as f:
+        f.truncate(8 * MiB)
+    disk = VolumeSpec(name="d0", vpg="db", backing=backing)
+    await rig.link_up()
+    pvpg = await rig.vpg([disk])
+    await until(lambda: pvpg.volumes["d0"].synced)  # initial sync of an empty volume
+    assert pvpg.state == "Protected" and pvpg.consistent
+    await rig.receiver.close()  # type: ignore[union-attr]
+    await until(lambda: pvpg.state == "Disconnected")
+
+    export = pvpg.volumes["d0"].export
+    assert isinstance(export, InPathExport)
+    for i in range(24):  # 3 MiB into a 1 MiB buffer: the buffer spills, the volume falls back
+        await export.write(i * 256 * KiB, bytes([i + 1]) * (256 * KiB), fua=False)
+    vol = pvpg.volumes["d0"]
+    assert vol.state is SyncState.BITMAP_SYNC and not pvpg.consistent
+    assert pvpg.spills >= 1
+    status = pvpg.status()
+    assert status["volumes"]["d0"]["dirtyBytes"] > 0
+    assert status["rpoSeconds"] > 0
+
+    await rig.link_up()
+    await until(lambda: vol.synced, 20)
+    assert pvpg.state == "Protected"
+    assert bytes(rig.sink.state.images["d0"]) == backing.read_bytes()
+    progress = vol.progress
+    assert progress is not None and progress.finished is not None and progress.percent == 100.0
