@@ -44,6 +44,7 @@ __all__ = [
     "eventually",
     "free_port",
     "identical",
+    "journal_spec",
     "make_pki",
     "protected_node",
     "recovery_node",
@@ -210,6 +211,20 @@ class Node(ApplianceProcess):
             return await c.protected_status(vpg)
 
 
+def journal_spec(directory: Path, vpg: str, sources: Sequence[str], **kw: Any) -> dict[str, Any]:
+    """A recovery journal fed by ``sources``, checkpoints every 0.5 s."""
+    return {
+        "vpg": vpg,
+        "directory": str(directory),
+        "sources": list(sources),
+        "history": "1h",
+        "hardLimit": "2Gi",
+        "checkpointIntervalSeconds": 0.5,
+        "segmentBytes": 16 * MiB,
+        **kw,
+    }
+
+
 def recovery_node(
     workdir: Path, pki: Pki, port: int, vpg: str, sources: Sequence[str], **journal: Any
 ) -> Node:
@@ -219,18 +234,7 @@ def recovery_node(
         {
             "listen": {"stream": f"127.0.0.1:{port}"},
             "streamTls": pki.tls("recovery"),
-            "journals": [
-                {
-                    "vpg": vpg,
-                    "directory": str(workdir / "recovery" / "journal"),
-                    "sources": list(sources),
-                    "history": "1h",
-                    "hardLimit": "2Gi",
-                    "checkpointIntervalSeconds": 0.5,
-                    "segmentBytes": 16 * MiB,
-                    **journal,
-                }
-            ],
+            "journals": [journal_spec(workdir / "recovery" / "journal", vpg, sources, **journal)],
         },
     )
 

@@ -16,11 +16,15 @@ from replication_harness import (
     Writer,
     eventually,
     free_port,
+    journal_spec,
     protected_node,
     recovery_node,
     requires_peers,
     wait_identical,
 )
+
+from secondsite.appliance.config import ApplianceConfig
+from secondsite.appliance.control import ConflictError
 
 pytestmark = [pytest.mark.qemu, requires_peers, pytest.mark.timeout(180)]
 
@@ -149,3 +153,73 @@ async def _protected_when(node: Node, state: str) -> object:
 async def _recovery_when(node: Node, state: str) -> object:
     st = await node.vpg_status(VPG)
     return st if st.state == state else None
+
+
+async def test_replication_configured_live_through_the_control_api(
+    workdir: Path, pki: Pki, nodes: list[Node]
+) -> None:
+    """Both appliances start with listen addresses only; `PUT /v1/config` adds the recovery
+    journal and the protected VPG live, refuses what needs a restart, changes the bandwidth limit
+    live, and removes the protected VPG again. `/metrics` shows the stream on both sides."""
+    port = free_port()
+    recovery = Node(
+        workdir,
+        "recovery",
+        {"listen": {"stream": f"127.0.0.1:{port}"}, "streamTls": pki.tls("recovery")},
+    )
+    protected = Node(workdir, "prot-a", {"streamTls": pki.tls("prot-a")})
+    nodes += [recovery, protected]
+    recovery.start()
+    protected.start()
+    journal = journal_spec(workdir / "journal", VPG, ["prot-a"])
+    volume = workdir / "vol0.img"
+    with open(volume, "wb") as f:
+        f.truncate(16 * MiB)
+    prot_vpg = {"vpg": VPG, "recovery": f"127.0.0.1:{port}", "directory": str(workdir / "ps")}
+    vol = {"name": "vol0", "vpg": VPG, "backing": str(volume)}
+
+    async with recovery.client() as rc, protected.client() as pc:
+        result = await rc.put_config(
+            ApplianceConfig.model_validate({**recovery.raw, "journals": [journal]})
+        )
+        assert [(c.kind, c.name, str(c.action)) for c in result.changes] == [("vpg", VPG, "added")]
+        desired = {**protected.raw, "protected": [prot_vpg], "volumes": [vol]}
+        result = await pc.put_config(ApplianceConfig.model_validate(desired))
+        assert [(c.kind, c.name, str(c.action)) for c in result.changes] == [
+            ("protected", VPG, "added"),
+            ("volume", "vol0", "added"),
+        ]
+        await asyncio.to_thread(qemu_io, protected.uri("vol0"), "write -P 0x77 1M 2M")
+        await wait_identical({"vol0": volume}, recovery, timeout=20)
+
+        bigger = {**desired, "protected": [{**prot_vpg, "bufferBytes": "1Gi"}]}
+        with pytest.raises(ConflictError) as info:
+            await pc.put_config(ApplianceConfig.model_validate(bigger))
+        assert info.value.details[0]["path"] == f"protected.{VPG}.bufferBytes"
+        assert "remove it and add it again" in info.value.details[0]["message"]
+
+        limited = {**desired, "bandwidthLimit": "100M"}
+        result = await pc.put_config(ApplianceConfig.model_validate(limited))
+        assert [(c.kind, c.name) for c in result.changes] == [("appliance", "bandwidthLimit")]
+
+        prot_metrics = await pc.metrics()
+        assert f'secondsite_replication_connected{{vpg="{VPG}"}} 1.0' in prot_metrics
+        assert 'secondsite_volume_in_sync{volume="vol0",vpg="db"} 1.0' in prot_metrics
+        rec_metrics = await rc.metrics()
+        assert 'secondsite_replication_source_connected{source="prot-a",vpg="db"} 1.0' in (
+            rec_metrics
+        )
+
+        result = await pc.put_config(
+            ApplianceConfig.model_validate({**protected.raw, "bandwidthLimit": "100M"})
+        )
+        assert [(c.kind, c.name, str(c.action)) for c in result.changes] == [
+            ("protected", VPG, "removed"),
+            ("volume", "vol0", "removed"),
+        ]
+        rec = await eventually(
+            lambda: _recovery_when(recovery, "Disconnected"), 30, "the source to go away"
+        )
+        assert "prot-a" in rec.reason
+    protected.stop()
+    recovery.stop()
