@@ -283,6 +283,12 @@ class ProtectedVpg:
             on_gap=self._on_gap,
             bandwidth=self._flow,
         )
+        known = self._state.recovery_position() if clean else 0
+        if known:
+            # What the recovery side had durably when this appliance last stopped cleanly: a
+            # welcome below it means the recovery side lost records (say, its journal was
+            # recreated), and the sender reports the gap (`_on_gap`) instead of trusting it.
+            self.sender.durable_seq = known
         self.sender.start()
         self.tasks.spawn(self._ship_loop(), "ship dirty regions")
         self.tasks.spawn(self._rate_loop(), "rates")
@@ -335,6 +341,7 @@ class ProtectedVpg:
         drained = await self._drain()
         if self.sender is not None:
             await self.sender.close()
+            await self._state.set_recovery_position(self.sender.durable_seq if drained else 0)
         for side in self._sides.values():
             dirty = side.dirty is not None and side.dirty.dirty_regions > 0
             if not drained or dirty or not side.vol.synced:

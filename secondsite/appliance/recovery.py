@@ -103,6 +103,11 @@ class JournalSink:
     # -- StreamSink --------------------------------------------------------------------------
 
     def attach(self, source: str, volumes: Sequence[VolumeEntry]) -> None:
+        if self.journal.failover_phase is not None:
+            raise SinkRefused(
+                f"VPG {self.vpg} is in failover phase {self.journal.failover_phase}: replication "
+                "resumes after commit or rollback"
+            )
         if source not in self.allowed:
             raise SinkRefused(
                 f"{source} is not a source of VPG {self.vpg} (sources: "

@@ -191,6 +191,15 @@ class CaptureStateFile:
         self._state["cleanShutdown"] = clean
         await self.save()
 
+    def recovery_position(self) -> int:
+        """Replicated VPG: the recovery side's durable position for this source at the last
+        clean stop (0: unknown)."""
+        return int(self._state.get("recoveryPosition", 0))
+
+    async def set_recovery_position(self, position: int) -> None:
+        self._state["recoveryPosition"] = position
+        await self.save()
+
     async def save(self) -> None:
         self._version += 1
         await asyncio.to_thread(self._write, self._version, copy.deepcopy(self._state))

@@ -151,3 +151,32 @@ async def test_in_path_overflow_falls_back_to_bitmap_sync_and_converges(
     assert bytes(rig.sink.state.images["d0"]) == backing.read_bytes()
     progress = vol.progress
     assert progress is not None and progress.finished is not None and progress.percent == 100.0
+
+
+async def test_recovery_side_that_lost_its_journal_gets_a_full_resync(
+    rig: Rig, tmp_path: Path
+) -> None:
+    backing = tmp_path / "d0.img"
+    with open(backing, "wb") as f:
+        f.truncate(4 * MiB)
+    disk = VolumeSpec(name="d0", vpg="db", backing=backing)
+    await rig.link_up()
+    pvpg = await rig.vpg([disk])
+    await until(lambda: pvpg.volumes["d0"].synced)
+    export = pvpg.volumes["d0"].export
+    await export.write(MiB, b"k" * (64 * KiB), fua=False)
+    await until(lambda: pvpg.buffer.count == 0)
+    await pvpg.stop()
+    rig.vpgs.remove(pvpg)
+
+    # The recovery side comes back empty (its journal was recreated): its position is 0, below
+    # what it had acknowledged. A clean restart alone would trust the volume; the gap does not.
+    assert rig.receiver is not None
+    await rig.receiver.close()
+    rig.sink = MemorySink()
+    await rig.link_up()
+    pvpg = await rig.vpg([disk])
+    vol = pvpg.volumes["d0"]
+    await until(lambda: vol.progress is not None and vol.synced, 10)
+    assert vol.progress is not None and "lost records" in vol.progress.reason
+    assert bytes(rig.sink.state.images["d0"]) == backing.read_bytes()
