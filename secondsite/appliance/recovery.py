@@ -69,6 +69,10 @@ class SourceState:
     payload_bytes: int = 0
     last_record: float = 0.0
     """Wall-clock time of the last record submitted."""
+    rate: float = 0.0
+    """Payload bytes per second, over the last second or so of records."""
+    _rate_at: float = 0.0
+    _rate_bytes: int = 0
     marks: collections.OrderedDict[int, tuple[bool, str]] = dataclasses.field(
         default_factory=collections.OrderedDict
     )
@@ -77,6 +81,19 @@ class SourceState:
     """What the source's newest mark said (None: no mark yet)."""
     state: str = ""
     """The source's VPG state, as its newest mark said."""
+
+    def count(self, payload: int, now: float) -> None:
+        """One more record of ``payload`` data bytes, submitted at ``now``."""
+        self.records += 1
+        self.payload_bytes += payload
+        if now - self._rate_at >= 1.0:
+            if self._rate_at:
+                self.rate = (self.payload_bytes - self._rate_bytes) / (now - self._rate_at)
+            self._rate_at, self._rate_bytes = now, self.payload_bytes
+        self.last_record = now
+
+    def bytes_per_second(self, now: float) -> float:
+        return self.rate if now - self.last_record < 2.0 else 0.0
 
 
 @dataclasses.dataclass(eq=False)
@@ -216,9 +233,7 @@ class JournalSink:
                 self.journal.submit_zero(volume, record.offset, record.length)
             else:
                 self.journal.submit_trim(volume, record.offset, record.length)
-            state.payload_bytes += len(payload)
-        state.records += 1
-        state.last_record = time.time()
+        state.count(len(record.payload) if record.op is Op.WRITE else 0, time.time())
         turn = self._turn.get(source)
         if turn is None:
             turn = self._turn[source] = _Turn(
@@ -400,6 +415,7 @@ class RecoveryVpg(JournaledVpg):
         st = super().status()
         assert self.journal is not None
         sessions = {s.source: s for s in self.receiver.stats() if s.vpg == self.name}
+        now = time.time()
         sources: dict[str, Any] = {}
         for name in self.spec.sources:
             known = self.sink.sources.get(name) if self.sink is not None else None
@@ -412,6 +428,7 @@ class RecoveryVpg(JournaledVpg):
                 "durableSeq": None if session is None else session.durable_seq,
                 "records": 0 if known is None else known.records,
                 "payloadBytes": 0 if known is None else known.payload_bytes,
+                "bytesPerSecond": 0.0 if known is None else known.bytes_per_second(now),
                 "skippedRecords": None if session is None else session.skipped,
                 "wireBytes": None if session is None else session.wire_bytes,
                 "lastRecordTime": None

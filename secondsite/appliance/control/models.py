@@ -268,6 +268,8 @@ class ReplicationSource(_Reply):
     records: int = 0
     """Records journaled from it since this appliance started."""
     payload_bytes: int = 0
+    bytes_per_second: float = 0.0
+    """Data journaled from it per second, lately."""
     skipped_records: int | None = None
     """Records resent after a reconnect and skipped (already durable) on this connection."""
     wire_bytes: int | None = None

@@ -396,6 +396,6 @@ class ControlServer:
         raise ApiError(
             501,
             "not-implemented",
-            "reversing a VPG's replication direction needs the replication stream between "
-            "appliances, which this appliance does not have yet",
+            "reversing a VPG's replication direction is not implemented yet: it needs delta sync "
+            "by block checksums over the replication stream",
         )
