@@ -1,6 +1,7 @@
 """Journal benchmark (not a test): append throughput, PIT open time, promotion, ack-hold time.
 
     .venv/bin/python tests/bench/bench_journal.py [--size 2GiB] [--dir /tmp] [--seconds 5]
+        [--appends-only]
 
 Baselines are measured in the same run on the same file system: a loop of pwrite + fdatasync
 (what an append costs without group commit) and a plain sequential write + one fdatasync.
@@ -199,6 +200,9 @@ async def main() -> None:
     ap.add_argument("--size", type=parse_size, default=2 * GIB, help="big journal size (2GiB)")
     ap.add_argument("--dir", default=None, help="where temp data goes (default: system temp)")
     ap.add_argument("--seconds", type=float, default=5.0, help="per append benchmark")
+    ap.add_argument(
+        "--appends-only", action="store_true", help="only the baselines and append rows"
+    )
     ap.add_argument("--build-seconds", type=float, default=300.0, help="cap on building")
     ap.add_argument(
         "--volume-size", type=parse_size, default=256 * GIB, help="volume size (256GiB)"
@@ -239,6 +243,8 @@ async def main() -> None:
             f"{r['mbps']:,.0f} MB/s",
             f"x{r['mbps'] / base_seq:.2f} of sequential baseline",
         )
+        if args.appends_only:
+            return
 
         j, written, el = await build_big_journal(d, args.size, args.build_seconds)
         row(

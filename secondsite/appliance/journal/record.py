@@ -16,20 +16,42 @@ A segment file starts with a 64-byte segment header, then records back to back. 
                              and POSITION)
         40    8 time_ns      wall-clock time the record was appended
         48    4 crc          CRC32C over the header (with this field zero) and the payload
-        52    4 reserved     0
+        52    4 incarnation  the segment header's incarnation (0 in version 1 segments)
 
 All integers are little-endian. A CHECKPOINT record's payload is ``checkpoint id (u64), consistent
 (u8), tag length (u16), tag (utf-8)``. A POSITION record's payload is ``source length (u8), source
 name (utf-8, 1..255 bytes), source seq (u64)``: every record of that replication source up to that
 source sequence number has been submitted before it. CHECKPOINT and POSITION records belong to no
 volume (``NO_VOLUME``).
+
+The segment header (version 2)::
+
+    offset size field
+         0    8 magic        SEGMENT_MAGIC
+         8    2 version      SEGMENT_VERSION
+        10    2 header size  64
+        12    8 segno        the number in the file name
+        20    8 first seq    sequence number of the segment's first record
+        28    8 created_ns
+        36    4 crc          CRC32C over the 64 bytes (with this field zero)
+        40    4 incarnation  random, non-zero, new each time a file becomes a segment
+        44    4 flags        SEGMENT_RECYCLED: the file held an earlier segment
+        48   16 zero
+
+Segment files are written ahead of their records (spares.py): after the last record there may be
+zeros or, in a recycled file, records of an earlier incarnation. Those are never records of this
+segment: a record counts only if its incarnation is the header's and its seq is above the previous
+record's (the earlier incarnation's records all have seqs below ``first seq``). Version 1 headers
+(zeros from offset 40) are still read: their incarnation is 0, which their records carry.
 """
 
 from __future__ import annotations
 
 import enum
+import os
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import google_crc32c
 
@@ -43,11 +65,13 @@ __all__ = [
     "RECORD_VERSION",
     "SEGMENT_HEADER",
     "SEGMENT_MAGIC",
+    "SEGMENT_RECYCLED",
     "SEGMENT_VERSION",
     "CheckpointPayload",
     "PositionPayload",
     "RecordHeader",
     "RecordType",
+    "SegmentHeader",
     "crc32c",
     "crc_ok",
     "decode_checkpoint",
@@ -58,6 +82,7 @@ __all__ = [
     "encode_header",
     "encode_position",
     "encode_segment_header",
+    "new_incarnation",
 ]
 
 RECORD_MAGIC = b"SSJR"
@@ -67,9 +92,13 @@ HEADER = struct.Struct("<4sBBHIIQQQQII")
 _CRC_AT = 48
 
 SEGMENT_MAGIC = b"SSJSEG\r\n"
-SEGMENT_VERSION = 1
-#: magic, version, header size, segment number, first sequence number, created ns, crc, padding
-SEGMENT_HEADER = struct.Struct("<8sHHQQQI24x")
+SEGMENT_VERSION = 2
+"""2: incarnation and flags (1 is read, never written)."""
+#: magic, version, header size, segment number, first seq, created ns, crc, incarnation, flags
+SEGMENT_HEADER = struct.Struct("<8sHHQQQIII16x")
+_SEGMENT_CRC_AT = 36
+SEGMENT_RECYCLED = 1
+"""Segment flag: the file held an earlier segment, so bytes after the last record may be its."""
 assert HEADER.size == 56 and SEGMENT_HEADER.size == 64
 
 _CHECKPOINT = struct.Struct("<QBH")
@@ -107,6 +136,16 @@ class RecordHeader:
     length: int
     time_ns: int
     crc: int
+    incarnation: int
+
+
+class SegmentHeader(NamedTuple):
+    segno: int
+    first_seq: int
+    created_ns: int
+    incarnation: int
+    """What every record of the segment carries (0 for a version 1 segment)."""
+    recycled: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,11 +171,24 @@ def encode_header(
     length: int,
     time_ns: int,
     payload: bytes | memoryview,
+    *,
+    incarnation: int,
 ) -> bytes:
-    """Return the header for ``payload``, its CRC filled in."""
+    """Return the header for ``payload`` in a segment of ``incarnation``, its CRC filled in."""
     plen = len(payload)
     raw = HEADER.pack(
-        RECORD_MAGIC, RECORD_VERSION, rtype, 0, volume, plen, seq, offset, length, time_ns, 0, 0
+        RECORD_MAGIC,
+        RECORD_VERSION,
+        rtype,
+        0,
+        volume,
+        plen,
+        seq,
+        offset,
+        length,
+        time_ns,
+        0,
+        incarnation,
     )
     crc = crc32c(payload, crc32c(raw))
     return raw[:_CRC_AT] + struct.pack("<I", crc) + raw[_CRC_AT + 4 :]
@@ -146,12 +198,12 @@ def decode_header(buf: bytes | memoryview, at: int = 0) -> RecordHeader | None:
     """Parse a header at ``buf[at:]``; None on bad magic, version or type."""
     if len(buf) - at < HEADER.size:
         return None
-    magic, version, rtype, _flags, volume, plen, seq, offset, length, time_ns, crc, _r = (
+    magic, version, rtype, _flags, volume, plen, seq, offset, length, time_ns, crc, inc = (
         HEADER.unpack_from(buf, at)
     )
     if magic != RECORD_MAGIC or version != RECORD_VERSION or rtype not in _TYPES:
         return None
-    return RecordHeader(RecordType(rtype), volume, plen, seq, offset, length, time_ns, crc)
+    return RecordHeader(RecordType(rtype), volume, plen, seq, offset, length, time_ns, crc, inc)
 
 
 _TYPES = frozenset(int(t) for t in RecordType)
@@ -203,24 +255,36 @@ def decode_position(payload: bytes | memoryview) -> PositionPayload:
     return PositionPayload(source, int(seq))
 
 
-def encode_segment_header(segno: int, first_seq: int, created_ns: int) -> bytes:
-    raw = SEGMENT_HEADER.pack(
-        SEGMENT_MAGIC, SEGMENT_VERSION, SEGMENT_HEADER.size, segno, first_seq, created_ns, 0
-    )
-    crc = crc32c(raw)
-    return SEGMENT_HEADER.pack(
-        SEGMENT_MAGIC, SEGMENT_VERSION, SEGMENT_HEADER.size, segno, first_seq, created_ns, crc
-    )
+def new_incarnation() -> int:
+    """A random non-zero incarnation for a new segment."""
+    while True:
+        value = int.from_bytes(os.urandom(4), "little")
+        if value:
+            return value
 
 
-def decode_segment_header(buf: bytes) -> tuple[int, int, int] | None:
-    """Return (segment number, first seq, created ns), or None if the header is bad."""
+def encode_segment_header(
+    segno: int, first_seq: int, created_ns: int, incarnation: int, *, recycled: bool
+) -> bytes:
+    flags = SEGMENT_RECYCLED if recycled else 0
+    fields = (SEGMENT_MAGIC, SEGMENT_VERSION, SEGMENT_HEADER.size, segno, first_seq, created_ns)
+    crc = crc32c(SEGMENT_HEADER.pack(*fields, 0, incarnation, flags))
+    return SEGMENT_HEADER.pack(*fields, crc, incarnation, flags)
+
+
+def decode_segment_header(buf: bytes) -> SegmentHeader | None:
+    """Parse a segment header (version 1 or 2); None if it is bad."""
     if len(buf) < SEGMENT_HEADER.size:
         return None
-    magic, version, hsize, segno, first_seq, created_ns, crc = SEGMENT_HEADER.unpack_from(buf)
-    if magic != SEGMENT_MAGIC or version != SEGMENT_VERSION or hsize != SEGMENT_HEADER.size:
+    raw = bytes(buf[: SEGMENT_HEADER.size])
+    magic, version, hsize, segno, first_seq, created_ns, crc, incarnation, flags = (
+        SEGMENT_HEADER.unpack(raw)
+    )
+    zeroed = raw[:_SEGMENT_CRC_AT] + b"\0\0\0\0" + raw[_SEGMENT_CRC_AT + 4 :]
+    if magic != SEGMENT_MAGIC or hsize != SEGMENT_HEADER.size or crc32c(zeroed) != crc:
         return None
-    check = SEGMENT_HEADER.pack(magic, version, hsize, segno, first_seq, created_ns, 0)
-    if crc32c(check) != crc:
+    if version == 1 and not incarnation and not flags:  # all padding in version 1
+        return SegmentHeader(segno, first_seq, created_ns, 0, False)
+    if version != SEGMENT_VERSION or not incarnation or flags & ~SEGMENT_RECYCLED:
         return None
-    return segno, first_seq, created_ns
+    return SegmentHeader(segno, first_seq, created_ns, incarnation, bool(flags & SEGMENT_RECYCLED))

@@ -6,8 +6,13 @@ Layout of a journal directory's ``segments/`` folder::
     0000000000000001.seg   segment 1: 64-byte segment header, then records (see record.py)
     0000000000000001.idx   index sidecar of segment 1, written once the segment is sealed
     0000000000000002.seg   the active segment (no sidecar yet)
+    0000000000000007.spare written space for a later segment (spares.py)
 
 Segment numbers increase by one and sort lexically, so the order is obvious from a listing. A
+sealed segment's file ends at its last record. The active segment's file may go on after it:
+zeros, or records of an earlier incarnation if the file was recycled (record.py), which the scan
+does not take. At open the journal cuts that tail, telling a clean end (only such prepared space)
+from a torn one (bytes this incarnation wrote but did not finish: :func:`torn_extent`). A
 sidecar holds the segment's index columns, checkpoint rows and source positions so that opening a
 journal reads only the active segment; a sidecar that is missing, damaged, of another version or
 does not match its segment's size is ignored, and the segment is scanned instead (and its sidecar
@@ -20,9 +25,10 @@ import json
 import os
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -37,6 +43,7 @@ from .record import (
     RECORD_VERSION,
     SEGMENT_HEADER,
     RecordType,
+    SegmentHeader,
     crc32c,
     crc_ok,
     decode_checkpoint,
@@ -53,9 +60,11 @@ __all__ = [
     "list_segments",
     "load_sidecar",
     "note_position",
+    "read_segment_header",
     "scan_headers",
     "scan_segment",
     "seg_path",
+    "torn_extent",
     "write_sidecar",
 ]
 
@@ -91,6 +100,17 @@ def list_segments(directory: Path) -> list[int]:
     return sorted(out)
 
 
+def read_segment_header(f: BinaryIO, path: Path) -> SegmentHeader:
+    """The header of segment file ``path`` (open as ``f``); CorruptJournalError if it is bad
+    or names another segment."""
+    hdr = decode_segment_header(f.read(SEGMENT_HEADER.size))
+    if hdr is None:
+        raise CorruptJournalError(f"bad segment header in {path.name}")
+    if path.stem.isdigit() and hdr.segno != int(path.stem):
+        raise CorruptJournalError(f"{path.name} has the header of segment {hdr.segno}")
+    return hdr
+
+
 def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -117,6 +137,10 @@ class SegmentScan:
     """Sequence number of the segment's last POSITION record (0 if it holds none)."""
     from_sidecar: bool = False
     """Loaded from a current sidecar (otherwise the journal writes one for a sealed segment)."""
+    incarnation: int = 0
+    """The segment header's incarnation, which each of its records carries."""
+    recycled: bool = False
+    """The file held an earlier segment (bytes after the records may be old records)."""
 
     @property
     def torn_bytes(self) -> int:
@@ -185,10 +209,8 @@ def scan_segment(path: Path, *, verify_crc: bool) -> SegmentScan:
     position_seq = 0
     with open(path, "rb", buffering=0) as f:
         file_size = os.fstat(f.fileno()).st_size
-        hdr = decode_segment_header(f.read(SEGMENT_HEADER.size))
-        if hdr is None:
-            raise CorruptJournalError(f"bad segment header in {path.name}")
-        segno, first_seq, created_ns = hdr
+        hdr = read_segment_header(f, path)
+        segno, first_seq, created_ns, incarnation, _ = hdr
         pos = SEGMENT_HEADER.size
         last_seq = first_seq - 1
         chunk = b""
@@ -200,7 +222,7 @@ def scan_segment(path: Path, *, verify_crc: bool) -> SegmentScan:
                 chunk = os.pread(fd, SCAN_CHUNK, pos)
                 chunk_at, rel = pos, 0
             h = decode_header(chunk, rel)
-            if h is None or h.seq <= last_seq or not _plausible(h):
+            if h is None or h.incarnation != incarnation or h.seq <= last_seq or not _plausible(h):
                 break
             end = pos + HEADER.size + h.payload_len
             if end > file_size:
@@ -250,6 +272,8 @@ def scan_segment(path: Path, *, verify_crc: bool) -> SegmentScan:
         tags=tags,
         positions=positions,
         position_seq=position_seq,
+        incarnation=incarnation,
+        recycled=hdr.recycled,
     )
 
 
@@ -266,7 +290,7 @@ _HDR_DTYPE = np.dtype(
         ("length", "<i8"),
         ("time_ns", "<i8"),
         ("crc", "<u4"),
-        ("reserved", "<u4"),
+        ("reserved", "<u4"),  # the incarnation
     ]
 )
 assert _HDR_DTYPE.itemsize == HEADER.size
@@ -285,10 +309,8 @@ def scan_headers(path: Path) -> SegmentScan:
     """
     with open(path, "rb") as f:
         file_size = os.fstat(f.fileno()).st_size
-        hdr = decode_segment_header(f.read(SEGMENT_HEADER.size))
-        if hdr is None:
-            raise CorruptJournalError(f"bad segment header in {path.name}")
-        segno, first_seq, created_ns = hdr
+        hdr = read_segment_header(f, path)
+        segno, first_seq, created_ns, incarnation, _ = hdr
         parts: list[npt.NDArray[Any]] = []
         offsets: list[npt.NDArray[np.int64]] = []
         pos = SEGMENT_HEADER.size
@@ -304,7 +326,7 @@ def scan_headers(path: Path) -> SegmentScan:
                 at = pos + size * np.arange(count, dtype=np.int64)
                 heads = mm[(at[:, None] + span).ravel()].reshape(count, HEADER.size)
                 h = heads.view(_HDR_DTYPE).ravel()
-                ok = _valid_headers(h, size, last_seq, at + size <= file_size)
+                ok = _valid_headers(h, size, last_seq, incarnation, at + size <= file_size)
                 bad = np.flatnonzero(~ok)
                 good = int(bad[0]) if len(bad) else count
                 if good == 0:
@@ -356,13 +378,16 @@ def scan_headers(path: Path) -> SegmentScan:
         tags=tags,
         positions=positions,
         position_seq=position_seq,
+        incarnation=incarnation,
+        recycled=hdr.recycled,
     )
 
 
 def _valid_headers(
-    h: npt.NDArray[Any], size: int, last_seq: int, fits: npt.NDArray[np.bool_]
+    h: npt.NDArray[Any], size: int, last_seq: int, incarnation: int, fits: npt.NDArray[np.bool_]
 ) -> npt.NDArray[np.bool_]:
-    """Per header: plausible, of record size ``size``, and in increasing sequence order."""
+    """Per header: plausible, of the segment's incarnation, of record size ``size``, and in
+    increasing sequence order."""
     t = h["type"]
     plen = h["plen"].astype(np.int64)
     no_vol = h["volume"] == NO_VOLUME
@@ -383,6 +408,7 @@ def _valid_headers(
     ok: npt.NDArray[np.bool_] = (
         (h["magic"] == RECORD_MAGIC)
         & (h["version"] == RECORD_VERSION)
+        & (h["reserved"] == incarnation)
         & (write | zero | cp | position)
         & (plen + HEADER.size == size)
         & (seq > prev)
@@ -404,6 +430,40 @@ def _plausible(h: Any) -> bool:
             and POSITION_PAYLOAD_MIN <= h.payload_len <= POSITION_PAYLOAD_MAX
         )
     return bool(h.type == RecordType.CHECKPOINT and h.volume == NO_VOLUME and h.length == 0)
+
+
+def torn_extent(path: Path, scan: SegmentScan) -> int:
+    """Bytes after the last record of ``scan`` that its own incarnation wrote: a torn tail, as
+    opposed to space prepared ahead of the records. 0 for a clean end.
+
+    In a file that held no earlier segment, prepared space is zeros, so the torn extent reaches
+    to the last non-zero byte. In a recycled one, old records and their payloads are expected
+    after the end; the torn extent reaches to the end of the last record header of this
+    incarnation found there. Reads the whole tail (at most a segment: like the scan itself).
+    """
+    torn_end = scan.valid_end
+    with open(path, "rb", buffering=0) as f:
+        fd = f.fileno()
+        at = scan.valid_end
+        while at < scan.file_size:
+            # A little more than a chunk, so that a header straddling chunks is seen whole.
+            chunk = os.pread(fd, SCAN_CHUNK + HEADER.size, at)
+            body = len(chunk) if len(chunk) <= SCAN_CHUNK else SCAN_CHUNK
+            if not scan.recycled:
+                nonzero = len(chunk[:body].rstrip(b"\0"))
+                if nonzero:
+                    torn_end = at + nonzero
+            else:
+                k = chunk.find(RECORD_MAGIC, 0, body + len(RECORD_MAGIC) - 1)
+                while 0 <= k < body:
+                    h = decode_header(chunk, k)
+                    if h is not None and h.incarnation == scan.incarnation:
+                        torn_end = max(torn_end, at + k + HEADER.size + h.payload_len)
+                    k = chunk.find(RECORD_MAGIC, k + 1, body + len(RECORD_MAGIC) - 1)
+            if not chunk:
+                break
+            at += body
+    return min(torn_end, scan.file_size) - scan.valid_end
 
 
 def write_sidecar(directory: Path, scan: SegmentScan) -> None:
@@ -522,8 +582,10 @@ class SegmentSet:
         if fd >= 0:
             os.close(fd)
 
-    def delete(self, segno: int) -> None:
-        """Forget a segment for new readers, unlink its files, close when the last reader leaves.
+    def delete(self, segno: int, recycle: Callable[[Path], bool] | None = None) -> None:
+        """Forget a segment for new readers and remove its files: ``recycle(path)`` may take the
+        segment file (True: it renamed it) if no reader is in it; otherwise it is unlinked and
+        closed when the last reader leaves.
 
         The last close of an unlinked file frees its blocks, which takes a while for a big
         segment: it happens outside the lock (and callers call this from a worker thread).
@@ -537,8 +599,10 @@ class SegmentSet:
             if h.refs == 0:
                 fd = h.fd
                 del self._handles[segno]
-        h.path.unlink(missing_ok=True)
         h.path.with_suffix(".idx").unlink(missing_ok=True)
+        # A reader still in the file must see the old bytes: recycled files are overwritten.
+        if not (fd >= 0 and recycle is not None and recycle(h.path)):
+            h.path.unlink(missing_ok=True)
         if fd >= 0:
             os.close(fd)
 

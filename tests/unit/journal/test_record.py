@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from secondsite.appliance.journal.record import (
     HEADER,
+    SEGMENT_MAGIC,
     CheckpointPayload,
     PositionPayload,
     RecordType,
+    crc32c,
     crc_ok,
     decode_checkpoint,
     decode_header,
@@ -23,7 +27,9 @@ from secondsite.appliance.journal.record import (
 
 def test_header_round_trip_and_crc() -> None:
     payload = b"hello world" * 100
-    raw = encode_header(RecordType.WRITE, 7, 42, 4096, len(payload), 123456789, payload)
+    raw = encode_header(
+        RecordType.WRITE, 7, 42, 4096, len(payload), 123456789, payload, incarnation=0xDEADBEEF
+    )
     assert len(raw) == HEADER.size == 56
     h = decode_header(raw)
     assert h is not None
@@ -36,22 +42,23 @@ def test_header_round_trip_and_crc() -> None:
         123456789,
         len(payload),
     )
+    assert h.incarnation == 0xDEADBEEF
     assert crc_ok(raw, payload, h.crc)
 
 
 @pytest.mark.parametrize("where", [0, 10, 500, 1099])
 def test_crc_detects_a_flipped_payload_byte(where: int) -> None:
     payload = bytearray(b"x" * 1100)
-    raw = encode_header(RecordType.WRITE, 0, 1, 0, len(payload), 1, bytes(payload))
+    raw = encode_header(RecordType.WRITE, 0, 1, 0, len(payload), 1, bytes(payload), incarnation=5)
     h = decode_header(raw)
     assert h is not None
     payload[where] ^= 0x01
     assert not crc_ok(raw, bytes(payload), h.crc)
 
 
-@pytest.mark.parametrize("where", [8, 16, 24, 32, 40])
+@pytest.mark.parametrize("where", [8, 16, 24, 32, 40, 52])
 def test_crc_detects_a_flipped_header_byte(where: int) -> None:
-    raw = bytearray(encode_header(RecordType.ZERO, 3, 9, 512, 1024, 5, b""))
+    raw = bytearray(encode_header(RecordType.ZERO, 3, 9, 512, 1024, 5, b"", incarnation=77))
     crc = decode_header(bytes(raw))
     assert crc is not None
     raw[where] ^= 0x80
@@ -60,7 +67,7 @@ def test_crc_detects_a_flipped_header_byte(where: int) -> None:
 
 
 def test_bad_magic_version_or_type_is_not_a_header() -> None:
-    raw = encode_header(RecordType.TRIM, 0, 1, 0, 1, 1, b"")
+    raw = encode_header(RecordType.TRIM, 0, 1, 0, 1, 1, b"", incarnation=1)
     assert decode_header(b"XXXX" + raw[4:]) is None
     assert decode_header(raw[:4] + b"\x09" + raw[5:]) is None
     assert decode_header(raw[:5] + b"\x63" + raw[6:]) is None
@@ -103,11 +110,22 @@ def test_record_types_keep_their_numbers() -> None:
     ]
 
 
-def test_segment_header_round_trip_and_damage() -> None:
-    raw = encode_segment_header(12, 3456, 789)
+@pytest.mark.parametrize("recycled", [False, True])
+def test_segment_header_round_trip_and_damage(recycled: bool) -> None:
+    raw = encode_segment_header(12, 3456, 789, 0xCAFE, recycled=recycled)
     assert len(raw) == 64
-    assert decode_segment_header(raw) == (12, 3456, 789)
-    damaged = bytearray(raw)
-    damaged[20] ^= 1
-    assert decode_segment_header(bytes(damaged)) is None
+    assert decode_segment_header(raw) == (12, 3456, 789, 0xCAFE, recycled)
+    for where in (20, 40, 44, 50):  # first seq, incarnation, flags, padding
+        damaged = bytearray(raw)
+        damaged[where] ^= 1
+        assert decode_segment_header(bytes(damaged)) is None, where
     assert decode_segment_header(raw[:63]) is None
+
+
+def test_version_1_segment_header_is_read_with_incarnation_0() -> None:
+    """Segments written before incarnations (version 1: CRC over the fields, zero padding)."""
+    v1 = struct.Struct("<8sHHQQQI24x")
+    fields = (SEGMENT_MAGIC, 1, 64, 12, 3456, 789)
+    raw = v1.pack(*fields, crc32c(v1.pack(*fields, 0)))
+    assert decode_segment_header(raw) == (12, 3456, 789, 0, False)
+    assert decode_segment_header(raw[:40] + b"\1" + raw[41:]) is None

@@ -1,0 +1,187 @@
+"""Spare segment files: journal space written before records go into it.
+
+Why: on ext4, an fdatasync after appending to a file must commit the new size and block allocation
+through the file system's journal; after overwriting blocks that are allocated and written it only
+flushes the data. Measured on the 2-core dev VMs, a 4 KiB write + fdatasync costs ~536 us when
+appending, ~229 us when overwriting a written file, ~1086 us into fallocate'd (unwritten) space.
+Group commit pays one of these per batch, so records should go into written space.
+
+A spare is a file ``<n>.spare`` in the segments folder, one segment long, every block of which
+has been written: zeros written here (a fresh spare) or a segment that promotion freed, renamed
+here (a recycled spare: it still holds its old records). A spare is not a segment. The writer
+makes it one by writing a new segment header (new incarnation, SEGMENT_RECYCLED if it was
+recycled), syncing it, and renaming it to ``<segno>.seg`` (writer.py); the old records are then
+no records of the segment (record.py). So a crash anywhere here leaves at worst a spare that is
+not fully written, which :meth:`SparePool.load` finishes at the next open.
+
+At most ``keep`` spares exist. A freed segment becomes a spare while there is room (cheap: a
+rename and zeros for the few bytes it lacks); a fresh one is zero-filled only when no spare is
+ready or being prepared, so steady state under retention recycles instead of writing zeros. The
+file work runs on the journal's background thread, never on the append path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+
+from .record import SEGMENT_HEADER, decode_segment_header
+
+__all__ = ["Spare", "SparePool"]
+
+log = logging.getLogger(__name__)
+
+ZERO_CHUNK = 4 << 20
+"""Bytes of zeros per write while preparing a spare."""
+SYNC_EVERY = 64 << 20
+"""fdatasync this often while zero-filling, so no large backlog of dirty pages builds up to
+compete with the journal's own syncs."""
+_ZEROS = bytes(ZERO_CHUNK)
+
+
+@dataclass(frozen=True, slots=True)
+class Spare:
+    """A spare ready to become a segment: ``size`` bytes, all written."""
+
+    path: Path
+    size: int
+    recycled: bool
+    """It held a segment (or might have): bytes after the new records may be old records."""
+
+
+def _spare_path(directory: Path, n: int) -> Path:
+    return directory / f"{n:016d}.spare"
+
+
+class SparePool:
+    """The spares of one journal. ``take`` and ``has_ready`` are called from the event loop,
+    ``adopt`` from whichever thread deletes segments; files are prepared on ``executor``."""
+
+    def __init__(self, directory: Path, size: int, keep: int, executor: Executor) -> None:
+        self.directory = directory
+        self.size = size
+        self.keep = keep
+        self._executor = executor
+        self._lock = threading.Lock()
+        self._ready: list[Spare] = []
+        self._preparing = 0
+        self._next = 1
+        self._closed = False
+        self.recycled = 0
+        """Freed segments turned into spares so far."""
+        self.zero_filled = 0
+        """Spares made ready that held no segment (zero-filled) so far."""
+
+    def load(self) -> None:
+        """At open: spares left by an earlier run are finished and kept (up to ``keep``)."""
+        found = []
+        for p in self.directory.glob("*.spare"):
+            try:
+                found.append((int(p.stem), p))
+            except ValueError:
+                continue
+        found.sort()
+        if found:
+            self._next = found[-1][0] + 1
+        for k, (_, p) in enumerate(found):
+            if k < self.keep:
+                with self._lock:
+                    self._preparing += 1
+                self._executor.submit(self._prepare, p, None)
+            else:
+                p.unlink(missing_ok=True)
+        self._refill()
+
+    def has_ready(self) -> bool:
+        return bool(self._ready)
+
+    def take(self) -> Spare | None:
+        """A ready spare for a new segment (the caller renames it), or None."""
+        with self._lock:
+            spare = self._ready.pop(0) if self._ready else None
+        if spare is not None:
+            self._refill()
+        return spare
+
+    def adopt(self, path: Path) -> bool:
+        """Turn a freed segment file (no reader has it open) into a spare if there is room;
+        False if there is none (the caller deletes it)."""
+        with self._lock:
+            if self._closed or len(self._ready) + self._preparing >= self.keep:
+                return False
+            self._preparing += 1
+            spare = _spare_path(self.directory, self._next)
+            self._next += 1
+        try:
+            os.rename(path, spare)
+        except OSError as exc:
+            log.warning("journal: could not recycle segment path=%s error=%s", path, exc)
+            with self._lock:
+                self._preparing -= 1
+            return False
+        self.recycled += 1
+        self._executor.submit(self._prepare, spare, True)
+        return True
+
+    def spare_bytes(self) -> int:
+        """Bytes held by ready spares."""
+        with self._lock:
+            return sum(s.size for s in self._ready)
+
+    def close(self) -> None:
+        """Stop preparing (a spare being zero-filled stays as it is, finished at next open)."""
+        with self._lock:
+            self._closed = True
+
+    def _refill(self) -> None:
+        with self._lock:
+            if self._closed or self.keep <= 0 or self._ready or self._preparing:
+                return
+            self._preparing += 1
+            spare = _spare_path(self.directory, self._next)
+            self._next += 1
+        self._executor.submit(self._prepare, spare, False)
+
+    def _prepare(self, path: Path, recycled: bool | None) -> None:
+        """Make ``path`` a full spare: ``size`` bytes, all written. ``recycled`` None: a spare
+        found at open (recycled if it starts with a segment header)."""
+        ready = None
+        try:
+            ready = self._fill(path, recycled)
+        except OSError as exc:
+            log.warning("journal: could not prepare spare path=%s error=%s", path, exc)
+            path.unlink(missing_ok=True)
+        with self._lock:
+            self._preparing -= 1
+            if ready is not None:
+                self._ready.append(ready)
+                self.zero_filled += not ready.recycled
+        if ready is None:
+            self._refill()
+
+    def _fill(self, path: Path, recycled: bool | None) -> Spare | None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if recycled is None:
+                recycled = decode_segment_header(os.pread(fd, SEGMENT_HEADER.size, 0)) is not None
+            at = os.fstat(fd).st_size
+            if at > self.size:
+                os.ftruncate(fd, self.size)
+            unsynced = 0
+            while at < self.size:
+                if self._closed:
+                    return None
+                n = os.pwrite(fd, memoryview(_ZEROS)[: min(ZERO_CHUNK, self.size - at)], at)
+                at += n
+                unsynced += n
+                if unsynced >= SYNC_EVERY:
+                    os.fdatasync(fd)
+                    unsynced = 0
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        return Spare(path, self.size, recycled)
