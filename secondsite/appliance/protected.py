@@ -10,11 +10,12 @@ has not acknowledged durable (a few seconds at most while the link keeps up).
 
 State machine of a replicated volume (`vpg.SyncState`)::
 
-                 new volume                      unclean stop / recovery side lost records
+                 new volume             unclean stop (intent regions; full after a reboot),
+                     |                           recovery side lost records (full)
                      |                                        |
                      v                                        v
                InitialSync ----- every region shipped, ----> Protected <--- DeltaSync
-                     ^           and acknowledged durable      |    ^     (full resync)
+                     ^           and acknowledged durable      |    ^
                      |                                         |    |
                      +-- (overflow during a sync: the sync     |    | every dirty region shipped
                           goes on with the new regions)        v    | and acknowledged
@@ -36,10 +37,14 @@ State machine of a replicated volume (`vpg.SyncState`)::
   volume is NotSynced until QEMU reports a (new) mirror job ready. Their initial sync is QEMU's
   (``sync=full``), as with local capture.
 
-A delta sync by block checksums (ask the recovery side for hashes of its latest view, ship only what
-differs) needs a request/response in the stream protocol, which it does not have yet: after an
-unclean stop every in-path volume gets a full resync instead (holes are shipped as ZERO records,
-so sparse volumes stay cheap).
+After an unclean stop: the :class:`IntentMap` of each in-path volume (a small file: one byte per
+MiB) holds every region whose changes the recovery side may not have durably; after a crash of the
+process in the same boot of the node, only those regions are resynced (DeltaSync). After a reboot
+of the node the map may be stale (it is not synced to disk on every change), and so is a volume
+whose map is missing: the volume gets a full resync, as when the recovery side lost records.
+A delta sync by block checksums (ask the recovery side for hashes of its latest view, ship only
+what differs) would make those cheap too, but needs a request/response in the stream protocol,
+which it does not have yet; holes are shipped as ZERO records, so sparse volumes stay cheap.
 
 Checkpoints: the recovery appliance sends HOLD; :meth:`ProtectedVpg._on_hold` closes the VPG's
 :class:`AckGate` (new acknowledgements wait) and appends a CHECKPOINT_MARK after every record
@@ -55,10 +60,15 @@ import dataclasses
 import errno
 import json
 import logging
+import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Generator
+from pathlib import Path
 from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
 
 from secondsite.appliance.capture import InPathExport, MirrorTargetExport
 from secondsite.appliance.config import (
@@ -115,6 +125,9 @@ _ZEROES: Final = bytes(SHIP_CHUNK)
 _DRAIN_SECONDS: Final = 10.0
 """At a clean stop, how long to wait for the recovery side to acknowledge the buffer."""
 _RATE_PERIOD: Final = 1.0
+INTENT_REGION: Final = 1 << 20
+"""Bytes per byte of an in-path volume's intent map (:class:`IntentMap`)."""
+_SWEEP_PERIOD: Final = 1.0
 
 
 def mark_payload(consistent: bool, state: str) -> bytes:
@@ -195,6 +208,95 @@ class AckGate:
         return asyncio.shield(self._released)
 
 
+class IntentMap:
+    """Regions of an in-path volume whose changes the recovery side may not have durably: a file
+    of one byte per region (``INTENT_REGION``), set before a change to the region is written to
+    the backing store, cleared once every record covering it is acknowledged durable and it is
+    not dirty. After an unclean stop of the process in the same boot of the node (the file's
+    page cache survived), only these regions are resynced; after a reboot the file may be stale
+    and the volume is resynced in full.
+
+    Setting a region costs a ``pwrite`` the first time it is written after a clear; clearing is
+    done in sweeps (:meth:`sweep`).
+    """
+
+    def __init__(self, path: Path, size: int, region: int = INTENT_REGION) -> None:
+        self.path = path
+        self.region = region
+        n = -(-size // region)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.found: npt.NDArray[np.bool_] | None = None
+        """The regions the file held when opened (None: it did not fit this volume)."""
+        raw = os.pread(self._fd, n + 1, 0)
+        if len(raw) == n:
+            self.found = np.frombuffer(raw, dtype=np.uint8) != 0
+        os.ftruncate(self._fd, n)
+        self._set = np.zeros(n, dtype=bool)
+        self._last = np.zeros(n, dtype=np.int64)
+        """Newest seq of a record covering each region."""
+        self.sets = 0
+
+    def _span(self, offset: int, length: int) -> tuple[int, int]:
+        return offset // self.region, -(-(offset + max(length, 1)) // self.region)
+
+    def note(self, offset: int, length: int, seq: int = 0) -> None:
+        """A change to [offset, offset+length), numbered ``seq`` (0: tracked as dirty)."""
+        a, b = self._span(offset, length)
+        if seq:
+            last = self._last[a:b]
+            np.maximum(last, seq, out=last)
+        if not self._set[a:b].all():
+            self._set[a:b] = True
+            os.pwrite(self._fd, b"\x01" * (b - a), a)
+            self.sets += 1
+
+    def note_all(self) -> None:
+        self._set[:] = True
+        os.pwrite(self._fd, b"\x01" * len(self._set), 0)
+
+    def reset(self) -> None:
+        self._set[:] = False
+        self._last[:] = 0
+        os.pwrite(self._fd, bytes(len(self._set)), 0)
+
+    def sweep(self, acked_seq: int, dirty: DirtyMap) -> int:
+        """Clear the regions whose records are all acknowledged and that are not dirty; returns
+        how many were cleared."""
+        done = self._set & (self._last <= acked_seq)
+        for off, length in dirty.extents():
+            a, b = self._span(off, length)
+            done[a:b] = False
+        idx = np.flatnonzero(done)
+        if not idx.size:
+            return 0
+        self._set[idx] = False
+        breaks = np.flatnonzero(np.diff(idx) != 1)
+        starts = np.concatenate((idx[:1], idx[breaks + 1]))
+        ends = np.concatenate((idx[breaks], idx[-1:])) + 1
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+            os.pwrite(self._fd, bytes(b - a), a)
+        return int(idx.size)
+
+    def mark_found(self, dirty: DirtyMap) -> int:
+        """Mark the regions found at open dirty (and set again); returns their bytes."""
+        assert self.found is not None
+        marked = 0
+        for i in np.flatnonzero(self.found).tolist():
+            offset = i * self.region
+            length = min(self.region, dirty.size - offset)
+            dirty.mark(offset, length)
+            self.note(offset, length)
+            marked += length
+        return marked
+
+    @property
+    def set_regions(self) -> int:
+        return int(np.count_nonzero(self._set))
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 @dataclasses.dataclass(eq=False)
 class _Replicated:
     """One volume's place in the stream: its index in the volume table, and for in-path volumes
@@ -203,7 +305,11 @@ class _Replicated:
     index: int
     vol: VolumeRuntime
     dirty: DirtyMap | None
+    intent: IntentMap | None = None
     streaming: bool = True
+    shipping: bool = False
+    """A batch of regions is being shipped: taken from the dirty map, not all appended yet (the
+    intent map must not be swept meanwhile)."""
     overflows: int = 0
     """Times the buffer overflowed while this volume streamed (a sync ends only without one)."""
     syncing_since: float | None = None
@@ -292,6 +398,7 @@ class ProtectedVpg:
         self.sender.start()
         self.tasks.spawn(self._ship_loop(), "ship dirty regions")
         self.tasks.spawn(self._rate_loop(), "rates")
+        self.tasks.spawn(self._sweep_loop(), "intent sweep")
         for side in self._sides.values():
             if side.in_path and not side.streaming:
                 await self._state.set_synced(side.vol.spec.name, False)
@@ -310,14 +417,36 @@ class ProtectedVpg:
         if vs.capture is CaptureMode.IN_PATH:
             backing = open_backing(vs)
             vol = VolumeRuntime(vs, InPathExport(vs.name, self, backing), SyncState.PROTECTED)
-            side = _Replicated(index, vol, DirtyMap(backing.size))
-            if not known.get("synced"):
+            try:
+                intent = IntentMap(self.spec.directory / f"{vs.name}.intent", backing.size)
+            except BaseException:
+                backing.close()
+                raise
+            dirty = DirtyMap(backing.size)
+            side = _Replicated(index, vol, dirty, intent)
+            if not known:
                 self._begin_sync(side, SyncState.INITIAL_SYNC, "new volume")
-            elif not clean:
+            elif clean and known.get("synced"):
+                intent.reset()
+            elif self._state.same_boot and intent.found is not None:
+                # The process stopped uncleanly (or with changes not shipped) in this boot of
+                # the node: the intent map says where changes may be missing over there.
+                marked = intent.mark_found(dirty)
+                why = "unclean stop" if not clean else "stopped with changes not shipped"
                 self._begin_sync(
                     side,
                     SyncState.DELTA_SYNC,
-                    "unclean stop: full resync (no delta sync by checksums yet)",
+                    f"{why}: resync of {marked / (1 << 20):.0f} MiB of regions with changes "
+                    "in flight",
+                    full=False,
+                )
+            else:
+                why = "unclean stop" if not clean else "stopped with changes not shipped"
+                self._begin_sync(
+                    side,
+                    SyncState.DELTA_SYNC,
+                    f"{why} across a restart of the node: full resync (no delta sync by "
+                    "checksums yet)",
                 )
             return side
         size = vs.size_bytes()
@@ -342,6 +471,7 @@ class ProtectedVpg:
         if self.sender is not None:
             await self.sender.close()
             await self._state.set_recovery_position(self.sender.durable_seq if drained else 0)
+        self._sweep()
         for side in self._sides.values():
             dirty = side.dirty is not None and side.dirty.dirty_regions > 0
             if not drained or dirty or not side.vol.synced:
@@ -363,11 +493,24 @@ class ProtectedVpg:
         return self.buffer.count == 0
 
     def _close_volumes(self) -> None:
+        for side in self._sides.values():
+            if side.intent is not None:
+                side.intent.close()
         for vol in self.volumes.values():
             if isinstance(vol.export, InPathExport):
                 vol.export.backing.close()
             else:
                 vol.export.close()
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(_SWEEP_PERIOD)
+            self._sweep()
+
+    def _sweep(self) -> None:
+        for side in self._sides.values():
+            if side.intent is not None and side.dirty is not None and not side.shipping:
+                side.intent.sweep(self.buffer.acked_seq, side.dirty)
 
     # -- the write target ---------------------------------------------------------------------
 
@@ -399,13 +542,19 @@ class ProtectedVpg:
                 except BufferFull:
                     pass
             return self._wait_for_room(side, append)
+        intent = side.intent
         if side.streaming:
             try:
-                append()
-                return self.gate.passage()
+                seq = append()
             except BufferFull:
                 self._overflow(side)
+            else:
+                if intent is not None:
+                    intent.note(offset, length, seq)
+                return self.gate.passage()
         side.dirty.mark(offset, length)
+        if intent is not None:
+            intent.note(offset, length)
         self._work.set()
         return self.gate.passage()
 
@@ -481,10 +630,16 @@ class ProtectedVpg:
         )
         self._work.set()
 
-    def _begin_sync(self, side: _Replicated, state: SyncState, reason: str) -> None:
+    def _begin_sync(
+        self, side: _Replicated, state: SyncState, reason: str, *, full: bool = True
+    ) -> None:
+        """Start syncing an in-path volume: all of it (``full``, except for bitmap sync, whose
+        regions are already marked), or the regions marked dirty."""
         assert side.dirty is not None
-        if state is not SyncState.BITMAP_SYNC:
+        if full and state is not SyncState.BITMAP_SYNC:
             side.dirty.mark_all()
+            if side.intent is not None:
+                side.intent.note_all()
         side.streaming = False
         side.vol.state, side.vol.reason = state, reason
         side.syncing_since = time.time()
@@ -543,12 +698,16 @@ class ProtectedVpg:
             # Taken in the same step as the check: no write came between. New writes stream;
             # any to a region still to be shipped is numbered before the copy, or waits for it.
             side.streaming = True
-        for offset, length in regions:
-            try:
-                await self._ship_region(side, offset, length)
-            except BaseException:
-                dirty.mark(offset, length)  # not shipped: keep it for the next round
-                raise
+        side.shipping = True
+        try:
+            for offset, length in regions:
+                try:
+                    await self._ship_region(side, offset, length)
+                except BaseException:
+                    dirty.mark(offset, length)  # not shipped: keep it for the next round
+                    raise
+        finally:
+            side.shipping = False
         if side.streaming and not dirty.dirty_regions:
             self.tasks.spawn(self._finish_sync(side, overflows), f"sync {side.vol.spec.name}")
 
@@ -569,13 +728,15 @@ class ProtectedVpg:
                     if not hole:
                         step = min(self._chunk, step)
                 if hole:
-                    self.buffer.append_zero(side.index, pos, step)
+                    seq = self.buffer.append_zero(side.index, pos, step)
                 else:
                     data = await export.backing.read(pos, step)
                     if data == _ZEROES[:step]:
-                        self.buffer.append_zero(side.index, pos, step)
+                        seq = self.buffer.append_zero(side.index, pos, step)
                     else:
-                        self.buffer.append_write(side.index, pos, data)
+                        seq = self.buffer.append_write(side.index, pos, data)
+                if side.intent is not None:
+                    side.intent.note(pos, step, seq)
             except BufferFull:
                 side.dirty.mark(pos, end - pos)
                 self._overflow(side)

@@ -158,6 +158,14 @@ class TaskSet:
                 await task
 
 
+def boot_id() -> str | None:
+    """This boot of the node (Linux), or None when unknown."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
 class CaptureStateFile:
     """`capture-state.json`: per volume, whether its initial sync finished; and whether the
     appliance stopped cleanly. Writes run in threads, newest state wins."""
@@ -168,13 +176,19 @@ class CaptureStateFile:
         self._version = 0
         self._written = 0
         self._lock = threading.Lock()
+        self.same_boot = False
 
     async def open(self) -> bool:
         """Read the file and record that the appliance runs (until :meth:`close`). Returns
         whether the previous run stopped cleanly (True for a new file)."""
         self._state = read_json(self.path) or {"volumes": {}}
         clean = bool(self._state.get("cleanShutdown", True))
+        current = boot_id()
+        # The previous run was in this boot of the node: whatever it wrote to files without
+        # syncing survived even an unclean stop of the process (in the page cache).
+        self.same_boot = current is not None and self._state.get("bootId") == current
         self._state["cleanShutdown"] = False
+        self._state["bootId"] = current
         await self.save()
         return clean
 

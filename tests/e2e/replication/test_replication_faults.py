@@ -212,7 +212,16 @@ async def test_protected_appliance_killed_under_load(
     assert any(not cp.consistent for cp in page.checkpoints), (
         "checkpoints during the resync should be marked not consistent"
     )
-    print(f"[protected kill] acked={writer.acked} converged_s={took:.1f} rpo_s={rpo:.2f}")
+    resync = [
+        line.split("reason=", 1)[1]
+        for line in prot.log(4000).splitlines()
+        if "event=sync-start state=DeltaSync" in line
+    ]
+    assert resync and "regions with changes in flight" in resync[-1], resync
+    print(
+        f"[protected kill] acked={writer.acked} converged_s={took:.1f} rpo_s={rpo:.2f} "
+        f"resync={resync[-1]}"
+    )
     prot.stop()
     recovery.stop()
 

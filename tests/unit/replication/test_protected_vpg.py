@@ -180,3 +180,41 @@ async def test_recovery_side_that_lost_its_journal_gets_a_full_resync(
     await until(lambda: vol.progress is not None and vol.synced, 10)
     assert vol.progress is not None and "lost records" in vol.progress.reason
     assert bytes(rig.sink.state.images["d0"]) == backing.read_bytes()
+
+
+async def crash(pvpg: ProtectedVpg) -> None:
+    """Stop like a killed process: nothing flushed, drained or recorded as a clean stop."""
+    await pvpg.tasks.cancel_all()
+    assert pvpg.sender is not None
+    await pvpg.sender.close()
+    pvpg._close_volumes()
+
+
+async def test_unclean_stop_resyncs_only_the_regions_in_flight(rig: Rig, tmp_path: Path) -> None:
+    backing = tmp_path / "d0.img"
+    with open(backing, "wb") as f:
+        f.truncate(16 * MiB)
+    disk = VolumeSpec(name="d0", vpg="db", backing=backing)
+    await rig.link_up()
+    pvpg = await rig.vpg([disk])
+    vol = pvpg.volumes["d0"]
+    await until(lambda: vol.synced)
+    export = pvpg.volumes["d0"].export
+    await export.write(0, b"a" * (256 * KiB), fua=False)  # shipped and acknowledged: swept
+    await until(lambda: pvpg.buffer.count == 0)
+    pvpg._sweep()
+    assert rig.receiver is not None
+    await rig.receiver.close()  # the link goes down; two more writes stay in the buffer
+    await export.write(5 * MiB, b"b" * (64 * KiB), fua=False)
+    await export.write(9 * MiB + 4096, b"c" * 4096, fua=False)
+    await crash(pvpg)
+    rig.vpgs.remove(pvpg)
+
+    await rig.link_up()
+    pvpg = await rig.vpg([disk])
+    vol = pvpg.volumes["d0"]
+    assert vol.state is SyncState.DELTA_SYNC
+    assert vol.progress is not None and vol.progress.total_bytes == 2 * MiB
+    assert "resync of 2 MiB" in vol.reason
+    await until(lambda: vol.synced, 10)
+    assert bytes(rig.sink.state.images["d0"]) == backing.read_bytes()
