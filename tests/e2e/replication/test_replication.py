@@ -88,6 +88,11 @@ async def test_writes_through_the_protected_export_reach_the_recovery_side(
     status = await protected.protected_status(VPG)
     assert status.rpo_seconds < 3 and status.buffer.used_bytes == 0
     assert status.stream.sessions == 1 and status.stream.durable_seq > 0
+    async with protected.client() as c:
+        whole = await c.status()
+    assert whole.name == "prot-a" and whole.vpgs == {}
+    assert whole.protected[VPG].state == "Protected"
+    assert whole.protected[VPG].volumes["vol0"].dirty_bytes == 0
 
     # A clean stop of both; the protected side comes back without a resync.
     protected.stop()
