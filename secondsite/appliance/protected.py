@@ -92,12 +92,12 @@ from secondsite.appliance.stream import (
     tcp_connector,
 )
 from secondsite.appliance.vpg import (
+    CapturedVolumes,
     CaptureStateFile,
     MirrorWatch,
     SyncState,
     TaskSet,
     VolumeRuntime,
-    mirror_sync_state,
     open_backing,
     volume_status,
 )
@@ -320,7 +320,7 @@ class _Replicated:
         return self.dirty is not None
 
 
-class ProtectedVpg:
+class ProtectedVpg(CapturedVolumes):
     """One VPG captured here and replicated to ``spec.recovery``. `await start()`, serve its
     exports (:attr:`volumes`), `await stop()`. It is the write target of its capture exports."""
 
@@ -780,35 +780,7 @@ class ProtectedVpg:
 
     # -- mirror targets ----------------------------------------------------------------------
 
-    def set_mirror_ready(self, volume: str, ready: bool) -> None:
-        """What the control API calls when whoever runs the mirror says it is (not) ready."""
-        vol = self.volumes[volume]
-        if not isinstance(vol.export, MirrorTargetExport):
-            raise ValueError(f"volume {volume} is not a mirror target")
-        self._set_mirror_state(vol, ready, "told by the control API")
-
-    def _set_mirror_state(self, vol: VolumeRuntime, ready: bool | None, why: str) -> None:
-        new = mirror_sync_state(ready)
-        if new is vol.state:
-            return
-        log.info(
-            "vpg=%s volume=%s event=sync-state from=%s to=%s why=%r",
-            self.name,
-            vol.spec.name,
-            vol.state,
-            new,
-            why,
-        )
-        vol.state = new
-        vol.reason = "" if ready else why
-        self.tasks.spawn(self._state.set_synced(vol.spec.name, bool(ready)), "state")
-
     # -- checkpoint holds ---------------------------------------------------------------------
-
-    @property
-    def consistent(self) -> bool:
-        """Every volume is Protected: a cut marked now is a consistent one."""
-        return all(v.synced for v in self.volumes.values())
 
     async def _on_hold(self, request: int) -> int:
         self.gate.close(request)

@@ -462,7 +462,46 @@ class JournaledVpg:
         return self.journal.hold_times()
 
 
-class VpgRuntime(JournaledVpg):
+class CapturedVolumes:
+    """What the capture side of a VPG does the same way whether it journals locally
+    (:class:`VpgRuntime`) or streams to a recovery appliance (`protected.ProtectedVpg`): mirror
+    readiness of its volumes and whether a cut marked now is consistent."""
+
+    name: str
+    volumes: dict[str, VolumeRuntime]
+    tasks: TaskSet
+    _state: CaptureStateFile
+
+    @property
+    def consistent(self) -> bool:
+        """Every volume is Protected: a cut marked now is a consistent one."""
+        return all(v.synced for v in self.volumes.values())
+
+    def set_mirror_ready(self, volume: str, ready: bool) -> None:
+        """What the control API calls when whoever runs the mirror says it is (not) ready."""
+        vol = self.volumes[volume]
+        if not isinstance(vol.export, MirrorTargetExport):
+            raise ValueError(f"volume {volume} is not a mirror target")
+        self._set_mirror_state(vol, ready, "told by the control API")
+
+    def _set_mirror_state(self, vol: VolumeRuntime, ready: bool | None, why: str) -> None:
+        new = mirror_sync_state(ready)
+        if new is vol.state:
+            return
+        log.info(
+            "vpg=%s volume=%s event=sync-state from=%s to=%s why=%r",
+            self.name,
+            vol.spec.name,
+            vol.state,
+            new,
+            why,
+        )
+        vol.state = new
+        vol.reason = "" if ready else why
+        self.tasks.spawn(self._state.set_synced(vol.spec.name, bool(ready)), "state")
+
+
+class VpgRuntime(CapturedVolumes, JournaledVpg):
     """One VPG journaled on this appliance with its captured volumes (replication to self)."""
 
     def __init__(self, journal_spec: JournalSpec, volumes: list[VolumeSpec]) -> None:
@@ -565,34 +604,7 @@ class VpgRuntime(JournaledVpg):
         log.info("vpg=%s volume=%s event=volume-added state=%s", self.name, spec.name, volume.state)
         return volume
 
-    def set_mirror_ready(self, volume: str, ready: bool) -> None:
-        """What the control API calls when whoever runs the mirror says it is (not) ready."""
-        vol = self.volumes[volume]
-        if not isinstance(vol.export, MirrorTargetExport):
-            raise ValueError(f"volume {volume} is not a mirror target")
-        self._set_mirror_state(vol, ready, "told by the control API")
-
-    def _set_mirror_state(self, vol: VolumeRuntime, ready: bool | None, why: str) -> None:
-        new = mirror_sync_state(ready)
-        if new is vol.state:
-            return
-        log.info(
-            "vpg=%s volume=%s event=sync-state from=%s to=%s why=%r",
-            self.name,
-            vol.spec.name,
-            vol.state,
-            new,
-            why,
-        )
-        vol.state = new
-        vol.reason = "" if ready else why
-        self.tasks.spawn(self._state.set_synced(vol.spec.name, bool(ready)), "state")
-
     # -- checkpoints -------------------------------------------------------------------------
-
-    @property
-    def consistent(self) -> bool:
-        return all(v.synced for v in self.volumes.values())
 
     async def _cut(self, tag: str | None) -> Checkpoint:
         assert self.journal is not None
