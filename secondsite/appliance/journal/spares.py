@@ -15,9 +15,11 @@ no records of the segment (record.py). So a crash anywhere here leaves at worst 
 not fully written, which :meth:`SparePool.load` finishes at the next open.
 
 At most ``keep`` spares exist. A freed segment becomes a spare while there is room (cheap: a
-rename and zeros for the few bytes it lacks); a fresh one is zero-filled only when no spare is
-ready or being prepared, so steady state under retention recycles instead of writing zeros. The
-file work runs on the journal's background thread, never on the append path.
+rename and zeros for the few bytes it lacks), or in place of a fresh spare still being
+zero-filled; a fresh one is zero-filled only when no spare is ready or being prepared. So under
+retention the journal recycles instead of writing zeros. The file work runs on the journal's
+background thread, never on the append path, in steps of SYNC_EVERY bytes so that other work
+(sidecars, recycled spares) need not wait for a whole segment of zeros.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ class SparePool:
         self._lock = threading.Lock()
         self._ready: list[Spare] = []
         self._preparing = 0
+        self._fresh: _Filling | None = None
+        """The fresh spare being zero-filled, if any (a recycled one may take its place)."""
         self._next = 1
         self._closed = False
         self.recycled = 0
@@ -91,7 +95,7 @@ class SparePool:
             if k < self.keep:
                 with self._lock:
                     self._preparing += 1
-                self._executor.submit(self._prepare, p, None)
+                self._executor.submit(self._start, _Filling(p, None))
             else:
                 p.unlink(missing_ok=True)
         self._refill()
@@ -111,8 +115,12 @@ class SparePool:
         """Turn a freed segment file (no reader has it open) into a spare if there is room;
         False if there is none (the caller deletes it)."""
         with self._lock:
-            if self._closed or len(self._ready) + self._preparing >= self.keep:
+            if self._closed:
                 return False
+            if len(self._ready) + self._preparing >= self.keep:
+                if self._fresh is None or self._fresh.dropped:
+                    return False
+                self._fresh.dropped = True  # its next step deletes it
             self._preparing += 1
             spare = _spare_path(self.directory, self._next)
             self._next += 1
@@ -124,7 +132,7 @@ class SparePool:
                 self._preparing -= 1
             return False
         self.recycled += 1
-        self._executor.submit(self._prepare, spare, True)
+        self._executor.submit(self._start, _Filling(spare, True))
         return True
 
     def spare_bytes(self) -> int:
@@ -142,46 +150,73 @@ class SparePool:
             if self._closed or self.keep <= 0 or self._ready or self._preparing:
                 return
             self._preparing += 1
-            spare = _spare_path(self.directory, self._next)
+            self._fresh = _Filling(_spare_path(self.directory, self._next), False)
             self._next += 1
-        self._executor.submit(self._prepare, spare, False)
+        self._executor.submit(self._start, self._fresh)
 
-    def _prepare(self, path: Path, recycled: bool | None) -> None:
-        """Make ``path`` a full spare: ``size`` bytes, all written. ``recycled`` None: a spare
-        found at open (recycled if it starts with a segment header)."""
-        ready = None
+    def _start(self, f: _Filling) -> None:
+        """Open a spare to make it full: ``size`` bytes, all written."""
         try:
-            ready = self._fill(path, recycled)
+            f.fd = os.open(f.path, os.O_RDWR | os.O_CREAT, 0o600)
+            if f.recycled is None:  # found at open: recycled if it starts with a segment header
+                head = os.pread(f.fd, SEGMENT_HEADER.size, 0)
+                f.recycled = decode_segment_header(head) is not None
+            f.at = os.fstat(f.fd).st_size
+            if f.at > self.size:
+                os.ftruncate(f.fd, self.size)
+                f.at = self.size
         except OSError as exc:
-            log.warning("journal: could not prepare spare path=%s error=%s", path, exc)
-            path.unlink(missing_ok=True)
+            self._failed(f, exc)
+            return
+        self._fill(f)
+
+    def _fill(self, f: _Filling) -> None:
+        """Write and sync up to SYNC_EVERY bytes of zeros, then queue the rest behind whatever
+        else waits for the background thread (a sidecar, a recycled spare's few bytes)."""
+        try:
+            stop = min(self.size, f.at + SYNC_EVERY)
+            while f.at < stop and not self._closed and not f.dropped:
+                n = min(ZERO_CHUNK, stop - f.at)
+                f.at += os.pwrite(f.fd, memoryview(_ZEROS)[:n], f.at)
+            os.fdatasync(f.fd)
+        except OSError as exc:
+            self._failed(f, exc)
+            return
+        with self._lock:
+            if f.at < self.size and not self._closed and not f.dropped:
+                self._executor.submit(self._fill, f)
+                return
+            self._preparing -= 1
+            if self._fresh is f:
+                self._fresh = None
+            if f.at >= self.size and not f.dropped:
+                self._ready.append(Spare(f.path, self.size, bool(f.recycled)))
+                self.zero_filled += not f.recycled
+        os.close(f.fd)
+        if f.dropped:
+            f.path.unlink(missing_ok=True)
+        # Otherwise, if it is not full, the journal is closing: it is finished at the next open.
+
+    def _failed(self, f: _Filling, exc: OSError) -> None:
+        log.warning("journal: could not prepare spare path=%s error=%s", f.path, exc)
+        if f.fd >= 0:
+            os.close(f.fd)
+        f.path.unlink(missing_ok=True)
         with self._lock:
             self._preparing -= 1
-            if ready is not None:
-                self._ready.append(ready)
-                self.zero_filled += not ready.recycled
-        if ready is None:
-            self._refill()
+            if self._fresh is f:
+                self._fresh = None
+        self._refill()
 
-    def _fill(self, path: Path, recycled: bool | None) -> Spare | None:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            if recycled is None:
-                recycled = decode_segment_header(os.pread(fd, SEGMENT_HEADER.size, 0)) is not None
-            at = os.fstat(fd).st_size
-            if at > self.size:
-                os.ftruncate(fd, self.size)
-            unsynced = 0
-            while at < self.size:
-                if self._closed:
-                    return None
-                n = os.pwrite(fd, memoryview(_ZEROS)[: min(ZERO_CHUNK, self.size - at)], at)
-                at += n
-                unsynced += n
-                if unsynced >= SYNC_EVERY:
-                    os.fdatasync(fd)
-                    unsynced = 0
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
-        return Spare(path, self.size, recycled)
+
+@dataclass(slots=True)
+class _Filling:
+    """A spare being zero-filled: its open fd and how far it is written."""
+
+    path: Path
+    recycled: bool | None
+    """None: not known yet (a spare found at open)."""
+    fd: int = -1
+    at: int = 0
+    dropped: bool = False
+    """A recycled spare took its place: stop and delete it."""

@@ -1,8 +1,11 @@
 """Child process of test_crash.py: appends random writes and checkpoints to a journal until it is
-killed. Right after submitting a record (before the event loop can hand it to the I/O thread) it
-prints the record's intent, and an ack line once the append returned. Now and then a writer
-submits, right behind its write, a position of one of two replication sources (as the stream
-receiver does after a batch), going on from the durable positions found at open. Lines:
+killed. Segments are small and retention promotes often, so segments roll into spares (zero-filled
+in synced steps of 32 KiB here, to widen the window a kill can hit) and promoted segments are
+recycled into spares all the time. Right after submitting a record (before the event loop can
+hand it to the I/O thread) it prints the record's intent, and an ack line once the append
+returned. Now and then a writer submits, right behind its write, a position of one of two
+replication sources (as the stream receiver does after a batch), going on from the durable
+positions found at open. Lines:
 
     READY <durable seq at open>
     I <seq> W|Z|T <volume> <offset> <length>     intent (a record that may become durable)
@@ -19,17 +22,21 @@ import struct
 import sys
 from pathlib import Path
 
-from secondsite.appliance.journal import Journal, JournalConfig, RetentionPolicy
+from secondsite.appliance.journal import Journal, JournalConfig, RetentionPolicy, spares
 
 VOLUMES = {"v0": 1 << 20, "v1": 600_000}
 SOURCES = ("node-a", "node-b")
 
 
+SEGMENT_SIZE = 128 << 10
+
+
 def config() -> JournalConfig:
     return JournalConfig(
         vpg="crash",
-        segment_size=128 << 10,
+        segment_size=SEGMENT_SIZE,
         retention=RetentionPolicy(history_seconds=3600, hard_limit_bytes=4 << 20),
+        spare_segments=2,
     )
 
 
@@ -99,4 +106,5 @@ async def main(directory: Path, seed: int) -> None:
 
 
 if __name__ == "__main__":
+    spares.ZERO_CHUNK, spares.SYNC_EVERY = 16 << 10, 32 << 10
     asyncio.run(main(Path(sys.argv[1]), int(sys.argv[2])))
