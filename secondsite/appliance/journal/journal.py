@@ -92,6 +92,9 @@ from .retention import (
     plan_promotion,
 )
 from .segment import (
+    CP_COLS,
+    REC_COLS,
+    REC_DTYPES,
     SegmentScan,
     SegmentSet,
     fsync_dir,
@@ -233,7 +236,8 @@ class Journal:
         self._failover_phase: str | None = None
         self._failover_volumes: dict[str, FailoverVolume] = {}
         self._failover_undo: UndoLog | None = None
-        self._active_rows: dict[str, list[int]] = {}
+        self._active_rows: list[npt.NDArray[np.int64]] = []
+        """Index rows (REC_COLS) of the active segment's data records, a chunk per batch."""
         self._active_cps: dict[str, list[int]] = {}
         self._active_tags: dict[int, str] = {}
         self._active_positions: dict[str, int] = {}
@@ -442,7 +446,7 @@ class Journal:
             self._active_pos = last.file_size
             self._active_incarnation = last.incarnation
             self._active_prepared = 0
-            self._active_rows = {k: v.tolist() for k, v in last.records.items()}
+            self._active_rows = [np.stack([last.records[k] for k in REC_COLS], axis=1)]
             self._active_cps = {k: v.tolist() for k, v in last.checkpoints.items()}
             self._active_tags = dict(last.tags)
             self._active_positions = dict(last.positions)
@@ -471,8 +475,8 @@ class Journal:
         return NewSegment(segno, first_seq, self._active_incarnation, spare)
 
     def _reset_active_rows(self) -> None:
-        self._active_rows = {k: [] for k in ("seq", "vol", "offset", "length", "pos", "kind")}
-        self._active_cps = {k: [] for k in ("cid", "seq", "time_ns", "consistent")}
+        self._active_rows = []
+        self._active_cps = {k: [] for k in CP_COLS}
         self._active_tags = {}
         self._active_positions = {}
         self._active_position_seq = 0
@@ -746,65 +750,79 @@ class Journal:
             self._idle.set()
 
     def _complete(self, batch: list[_Queued]) -> None:
-        """A batch is durable: index it, then ack (unless acks are held)."""
-        rows: dict[str, list[int]] = {
-            k: [] for k in ("seq", "vol", "offset", "length", "pos", "kind")
-        }
-        segs: list[int] = []
+        """A batch is durable: index it, then ack (unless acks are held).
+
+        Runs on the event loop for every group commit, so the per-record work is one tuple;
+        the index takes the batch's rows as one array.
+        """
+        rows: list[tuple[int, int, int, int, int, int, int]] = []
+        cut = 0  # rows before it went into a segment sealed during this batch
+        prev: PendingRecord | None = None
         for q in batch:
             r = q.rec
             if r.segno != self._tail_segno:
+                self._end_run(prev, _row_array(rows[cut:]))
+                cut = len(rows)
                 self._seal(r.segno, r.seq)
-            info = self._seg_info[r.segno]
-            info[1] = r.seq
-            info[2] = r.file_pos + HEADER.size + len(r.payload)
             if q.checkpoint is not None:
-                cp = q.checkpoint
-                self.checkpoints.append(
-                    [cp.id],
-                    [cp.seq],
-                    [cp.time_ns],
-                    [cp.consistent],
-                    [r.segno],
-                    {cp.id: cp.tag} if cp.tag is not None else {},
-                )
-                for k, val in zip(
-                    ("cid", "seq", "time_ns", "consistent"),
-                    (cp.id, cp.seq, cp.time_ns, int(cp.consistent)),
-                    strict=True,
-                ):
-                    self._active_cps[k].append(val)
-                if cp.tag is not None:
-                    self._active_tags[cp.id] = cp.tag
-                continue
-            if q.position is not None:
+                self._add_checkpoint(q.checkpoint, r.segno)
+            elif q.position is not None:
                 pp = q.position
                 note_position(self._positions, pp.source, pp.source_seq)
                 note_position(self._active_positions, pp.source, pp.source_seq)
                 self._active_position_seq = r.seq
-                continue
-            pos = r.file_pos + HEADER.size
-            for k, val in zip(
-                ("seq", "vol", "offset", "length", "pos", "kind"),
-                (r.seq, r.volume, r.offset, r.length, pos, r.kind),
-                strict=True,
-            ):
-                rows[k].append(val)
-                self._active_rows[k].append(val)
-            segs.append(r.segno)
-        if segs:
-            self._add_rows(
-                {k: np.asarray(v, dtype=np.int64) for k, v in rows.items()},
-                np.asarray(segs, dtype=np.int64),
-            )
+            else:
+                pos = r.file_pos + HEADER.size
+                rows.append((r.seq, r.volume, r.offset, r.length, pos, r.kind, r.segno))
+            prev = r
+        arr = _row_array(rows)
+        self._end_run(prev, arr[cut:])
+        if len(arr):
+            self._index_rows(arr)
         self._durable_seq = batch[-1].rec.seq
+        held = self._holds > 0
         for q in batch:
             if q.future.done():
                 continue
-            if q.holdable and self._holds:
+            if held and q.holdable:
                 self._held.append(q.future)
             else:
                 q.future.set_result(None)
+
+    def _end_run(self, last: PendingRecord | None, run: npt.NDArray[np.int64]) -> None:
+        """The records of a batch that went into the tail segment, ``last`` the last of them
+        (None if there were none): the segment's extent and rows."""
+        if last is None:
+            return
+        info = self._seg_info[last.segno]
+        info[1] = last.seq
+        info[2] = last.file_pos + HEADER.size + len(last.payload)
+        if len(run):
+            self._active_rows.append(run[:, : len(REC_COLS)])
+
+    def _add_checkpoint(self, cp: Checkpoint, segno: int) -> None:
+        tags = {cp.id: cp.tag} if cp.tag is not None else {}
+        self.checkpoints.append([cp.id], [cp.seq], [cp.time_ns], [cp.consistent], [segno], tags)
+        for k, val in zip(CP_COLS, (cp.id, cp.seq, cp.time_ns, int(cp.consistent)), strict=True):
+            self._active_cps[k].append(val)
+        self._active_tags.update(tags)
+
+    def _index_rows(self, arr: npt.NDArray[np.int64]) -> None:
+        """Append durable data records (rows of _ROW columns) to their volumes' indexes."""
+        vols = arr[:, 1]
+        if (vols == vols[0]).all():
+            groups = [(int(vols[0]), arr)]
+        else:
+            groups = [(int(v), arr[vols == v]) for v in np.unique(vols)]
+        for vid, sub in groups:
+            self._by_id[vid].index.append_many(
+                seq=sub[:, 0],
+                offset=sub[:, 2],
+                length=sub[:, 3],
+                seg=sub[:, 6],
+                pos=sub[:, 4],
+                kind=sub[:, 5],
+            )
 
     def _seal(self, new_segno: int, first_seq: int) -> None:
         """The active segment is full: write its sidecar in the background, start the next."""
@@ -816,10 +834,7 @@ class Journal:
             created_ns=0,
             valid_end=size,
             file_size=size,
-            records={
-                k: np.asarray(v, dtype=np.uint8 if k == "kind" else np.int64)
-                for k, v in self._active_rows.items()
-            },
+            records=_columns(self._active_rows),
             checkpoints={
                 k: np.asarray(v, dtype=bool if k == "consistent" else np.int64)
                 for k, v in self._active_cps.items()
@@ -1408,6 +1423,20 @@ class Journal:
         undo.remove()
         self._write_state(failover=None)
         log.info(self._log("journal: failover rolled back", undo_entries=n))
+
+
+_ROW = (*REC_COLS, "seg")
+"""Columns of the rows _complete collects: the index columns of a record, then its segment."""
+
+
+def _row_array(rows: list[tuple[int, int, int, int, int, int, int]]) -> npt.NDArray[np.int64]:
+    return np.array(rows, dtype=np.int64).reshape(-1, len(_ROW))
+
+
+def _columns(chunks: list[npt.NDArray[np.int64]]) -> dict[str, npt.NDArray[Any]]:
+    """Index columns from row chunks (REC_COLS)."""
+    rows = np.concatenate(chunks) if chunks else np.zeros((0, len(REC_COLS)), dtype=np.int64)
+    return {k: rows[:, i].astype(REC_DTYPES[k]) for i, k in enumerate(REC_COLS)}
 
 
 def _relative(path: Path, directory: Path) -> str:

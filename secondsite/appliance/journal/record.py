@@ -109,11 +109,14 @@ POSITION_PAYLOAD_MIN = 1 + 1 + _SOURCE_SEQ.size
 POSITION_PAYLOAD_MAX = 1 + MAX_SOURCE_NAME + _SOURCE_SEQ.size
 
 
+_extend = google_crc32c.extend
+
+
 def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
     """CRC32C of ``data``, continuing ``crc``. (google_crc32c takes only ``bytes``.)"""
     if not isinstance(data, bytes):
         data = bytes(data)
-    return int(google_crc32c.extend(crc, data))
+    return int(_extend(crc, data))
 
 
 class RecordType(enum.IntEnum):
@@ -174,24 +177,15 @@ def encode_header(
     *,
     incarnation: int,
 ) -> bytes:
-    """Return the header for ``payload`` in a segment of ``incarnation``, its CRC filled in."""
-    plen = len(payload)
-    raw = HEADER.pack(
-        RECORD_MAGIC,
-        RECORD_VERSION,
-        rtype,
-        0,
-        volume,
-        plen,
-        seq,
-        offset,
-        length,
-        time_ns,
-        0,
-        incarnation,
-    )
-    crc = crc32c(payload, crc32c(raw))
-    return raw[:_CRC_AT] + struct.pack("<I", crc) + raw[_CRC_AT + 4 :]
+    """Return the header for ``payload`` in a segment of ``incarnation``, its CRC filled in.
+
+    On the append path for every record: one pack per step, no helper calls.
+    """
+    fields = (RECORD_MAGIC, RECORD_VERSION, rtype, 0, volume, len(payload), seq, offset, length)
+    crc = _extend(0, HEADER.pack(*fields, time_ns, 0, incarnation))
+    if payload:
+        crc = _extend(crc, payload if isinstance(payload, bytes) else bytes(payload))
+    return HEADER.pack(*fields, time_ns, crc, incarnation)
 
 
 def decode_header(buf: bytes | memoryview, at: int = 0) -> RecordHeader | None:

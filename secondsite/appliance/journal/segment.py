@@ -53,6 +53,10 @@ from .record import (
 )
 
 __all__ = [
+    "CP_COLS",
+    "CP_DTYPES",
+    "REC_COLS",
+    "REC_DTYPES",
     "SegmentScan",
     "SegmentSet",
     "fsync_dir",
