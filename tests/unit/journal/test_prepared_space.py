@@ -5,10 +5,14 @@ that tail, crash states of pre-zeroing and recycling, sealed segments, used byte
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -32,6 +36,7 @@ from secondsite.appliance.journal.segment import (
     seg_path,
     torn_extent,
 )
+from secondsite.appliance.journal.spares import SparePool
 
 SEG = 64 << 10
 CFG = JournalConfig(vpg="prep", segment_size=SEG)
@@ -426,3 +431,41 @@ async def test_used_bytes_count_records_not_prepared_space(tmp_path: Path) -> No
     )
     assert len(list(_segdir(d).glob("*.spare"))) <= CFG.spare_segments
     await j.close()
+
+
+# ------------------------------------------------------------------ the spare pool alone
+
+
+@pytest.mark.parametrize("direct", ["O_DIRECT", "EINVAL"])
+@pytest.mark.parametrize("size", [SEG, 20_000, (5 << 20) + 4096])
+async def test_spares_are_written_to_their_whole_size(
+    tmp_path: Path, direct: str, size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fresh spares are zeros, a recycled one keeps its bytes and gets zeros after them: with
+    O_DIRECT, buffered at unaligned edges, and all buffered where O_DIRECT writes fail."""
+    pwrite = os.pwrite
+    direct_writes = []
+
+    def checked(fd: int, data: bytes, offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            if direct == "EINVAL":
+                raise OSError(errno.EINVAL, "not on this device")
+            direct_writes.append(len(data))
+        return pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", checked)
+    old = os.urandom(size // 3 + 123)
+    (tmp_path / "0000000000000099.seg").write_bytes(old)
+    with ThreadPoolExecutor(1) as executor:
+        pool = SparePool(tmp_path, size, 2, executor)
+        pool.load()
+        await _wait(pool.has_ready, "a fresh spare")
+        assert pool.adopt(tmp_path / "0000000000000099.seg")
+        await _wait(lambda: pool.spare_bytes() == 2 * size, "the recycled spare")
+        fresh, recycled = pool.take(), pool.take()
+        pool.close()
+    assert fresh is not None and recycled is not None
+    assert not fresh.recycled and fresh.path.read_bytes() == bytes(size)
+    assert recycled.recycled
+    assert recycled.path.read_bytes() == old + bytes(size - len(old))
+    assert bool(direct_writes) == (direct == "O_DIRECT")
