@@ -516,7 +516,10 @@ class Journal:
 
     def _close_sync(self) -> None:
         self._close_failover_volumes()
-        self._writer.close(trim=True)
+        try:
+            self._writer.close(trim=True)
+        except OSError as exc:  # the next open cuts the prepared tail instead
+            log.warning(self._log("journal: could not trim the active segment", error=exc))
         self._segments.close()
         for v in self._volumes.values():
             v.replica.close()

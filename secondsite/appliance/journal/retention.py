@@ -34,7 +34,9 @@ class RetentionPolicy:
     history_seconds: float = 24 * 3600.0
     """How far back checkpoints must reach (Journal spec ``history``; default 24 h, up to 30 d)."""
     hard_limit_bytes: int | None = None
-    """Upper bound on journal bytes on disk (``hardLimit``); None means unbounded."""
+    """Upper bound on the journal's segment bytes up to their last record (``hardLimit``); None
+    means unbounded. Space written ahead for later records (at most ``spare_segments + 1``
+    segments, see JournalStatus.prepared_bytes) is on disk besides and not counted."""
     warning_percent: float | None = None
     """Warn when this percentage of ``hard_limit_bytes`` is used (``warningPercent``)."""
     size_low_water: float = 0.9

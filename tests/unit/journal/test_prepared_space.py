@@ -10,6 +10,7 @@ import fcntl
 import logging
 import os
 import shutil
+import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,9 @@ from secondsite.appliance.journal import Journal, JournalConfig
 from secondsite.appliance.journal.record import (
     HEADER,
     SEGMENT_HEADER,
+    SEGMENT_MAGIC,
     RecordType,
+    crc32c,
     crc_ok,
     decode_header,
     decode_segment_header,
@@ -469,3 +472,35 @@ async def test_spares_are_written_to_their_whole_size(
     assert recycled.recycled
     assert recycled.path.read_bytes() == old + bytes(size - len(old))
     assert bool(direct_writes) == (direct == "O_DIRECT")
+
+
+async def test_a_journal_of_version_1_segments_is_read_and_continued(tmp_path: Path) -> None:
+    """A journal written before incarnations: its segment is read, the next records go after
+    its records (incarnation 0, as its header says), then into version 2 segments."""
+    d = tmp_path / "j"
+    j = await _open(d, NO_SPARES)  # state.json, volumes.json ("a" is volume 0)
+    await j.close()
+    v1 = struct.Struct("<8sHHQQQI24x")
+    fields = (SEGMENT_MAGIC, 1, SEGMENT_HEADER.size, 1, 1, 1)
+    with open(seg_path(_segdir(d), 1), "wb") as f:
+        f.write(v1.pack(*fields, crc32c(v1.pack(*fields, 0))))
+        for seq in range(1, 6):
+            payload = _payload(seq, 4096)
+            off = (seq % 200) * 4096
+            f.write(encode_header(RecordType.WRITE, 0, seq, off, 4096, 1, payload, incarnation=0))
+            f.write(payload)
+    j = await Journal.open(d, NO_SPARES)
+    assert j.durable_seq == 5
+    seqs = [1, 2, 3, 4, 5, *await _write(j, 2)]  # into the version 1 segment
+    await j.close()
+    seg1 = scan_segment(seg_path(_segdir(d), 1), verify_crc=True)
+    assert seg1.records["seq"].tolist() == seqs and seg1.incarnation == 0
+    j = await Journal.open(d, CFG)
+    await _spare_ready(j)
+    seqs += await _write(j, 2)  # into a version 2 segment made from a spare
+    await j.close()
+    assert _header(_newest(d))[3] != 0
+    j = await Journal.open(d, CFG)
+    assert j.durable_seq == seqs[-1]
+    await _check_latest(j, seqs)
+    await j.close()
