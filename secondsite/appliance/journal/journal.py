@@ -213,7 +213,9 @@ class Journal:
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-io")
         self._bg = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-bg")
         """Work off the append path: spare files and sidecars."""
-        self._spares = SparePool(self._segdir, config.segment_size, config.spare_segments, self._bg)
+        self._spares = SparePool(
+            self._segdir, config.segment_size, config.spare_segments, self._bg, config.vpg
+        )
         self._tail_segno = 0
         """Newest segment that holds durable records (or the active one when it holds none)."""
         self._active_incarnation = 0

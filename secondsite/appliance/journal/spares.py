@@ -69,8 +69,11 @@ class SparePool:
     """The spares of one journal. ``take`` and ``has_ready`` are called from the event loop,
     ``adopt`` from whichever thread deletes segments; files are prepared on ``executor``."""
 
-    def __init__(self, directory: Path, size: int, keep: int, executor: Executor) -> None:
+    def __init__(
+        self, directory: Path, size: int, keep: int, executor: Executor, vpg: str = ""
+    ) -> None:
         self.directory = directory
+        self.vpg = vpg
         self.size = size
         self.keep = keep
         self._executor = executor
@@ -81,10 +84,6 @@ class SparePool:
         """The fresh spare being zero-filled, if any (a recycled one may take its place)."""
         self._next = 1
         self._closed = False
-        self.recycled = 0
-        """Freed segments turned into spares so far."""
-        self.zero_filled = 0
-        """Spares made ready that held no segment (zero-filled) so far."""
 
     def load(self) -> None:
         """At open: spares left by an earlier run are finished and kept (up to ``keep``)."""
@@ -113,8 +112,7 @@ class SparePool:
         """A ready spare for a new segment (the caller renames it), or None."""
         with self._lock:
             spare = self._ready.pop(0) if self._ready else None
-        if spare is not None:
-            self._refill()
+        self._refill()
         return spare
 
     def adopt(self, path: Path) -> bool:
@@ -133,11 +131,12 @@ class SparePool:
         try:
             os.rename(path, spare)
         except OSError as exc:
-            log.warning("journal: could not recycle segment path=%s error=%s", path, exc)
+            log.warning(
+                "journal: could not recycle segment vpg=%s path=%s error=%s", self.vpg, path, exc
+            )
             with self._lock:
                 self._preparing -= 1
             return False
-        self.recycled += 1
         self._executor.submit(self._start, _Filling(spare, True))
         return True
 
@@ -200,10 +199,10 @@ class SparePool:
                 self._fresh = None
             if f.at >= self.size and not f.dropped:
                 self._ready.append(Spare(f.path, self.size, bool(f.recycled)))
-                self.zero_filled += not f.recycled
         f.close()
         if f.dropped:
             f.path.unlink(missing_ok=True)
+            self._refill()  # in case the recycled file that took its place failed
         # Otherwise, if it is not full, the journal is closing: it is finished at the next open.
 
     @staticmethod
@@ -224,7 +223,9 @@ class SparePool:
         return os.pwrite(f.fd, memoryview(_ZEROS)[:n], f.at)
 
     def _failed(self, f: _Filling, exc: OSError) -> None:
-        log.warning("journal: could not prepare spare path=%s error=%s", f.path, exc)
+        log.warning(
+            "journal: could not prepare spare vpg=%s path=%s error=%s", self.vpg, f.path, exc
+        )
         f.close()
         f.path.unlink(missing_ok=True)
         with self._lock:
