@@ -445,6 +445,8 @@ class JournaledVpg:
                 "historyMet": st.retention.history_met,
                 "level": str(st.retention.level),
                 "messages": list(st.retention.messages),
+                "preparedBytes": st.prepared_bytes,
+                "promotionBlockedAtSeq": st.promotion_blocked_at_seq,
             },
             "holdMs": self.hold_percentiles(),
             "checkpointProblem": self.checkpoint_problem,

@@ -18,6 +18,8 @@ secondsite_journal_used_bytes                      gauge      vpg
 secondsite_journal_limit_bytes                     gauge      vpg
 secondsite_journal_history_seconds                 gauge      vpg (actual)
 secondsite_journal_history_configured_seconds      gauge      vpg
+secondsite_journal_prepared_bytes                  gauge      vpg
+secondsite_journal_promotion_blocked               gauge      vpg (1 = open images hold it)
 secondsite_checkpoints_total                       counter    vpg
 secondsite_checkpoints_inconsistent_total          counter    vpg
 secondsite_checkpoint_hold_seconds                 histogram  vpg
@@ -104,6 +106,16 @@ class _RuntimeCollector(Collector):
             "How far back the journal is configured to reach.",
             labels=["vpg"],
         )
+        prepared = GaugeMetricFamily(
+            "secondsite_journal_prepared_bytes",
+            "Journal space written ahead of the records, on disk besides the used bytes.",
+            labels=["vpg"],
+        )
+        blocked = GaugeMetricFamily(
+            "secondsite_journal_promotion_blocked",
+            "1 while open PIT images keep retention from promoting as far as it should.",
+            labels=["vpg"],
+        )
         taken = CounterMetricFamily(
             "secondsite_checkpoints", "Checkpoints taken (automatic and tagged).", labels=["vpg"]
         )
@@ -151,10 +163,13 @@ class _RuntimeCollector(Collector):
                 limit.add_metric([name], st.retention.hard_limit_bytes)
             history.add_metric([name], st.retention.history_seconds_actual)
             history_cfg.add_metric([name], st.retention.history_seconds_configured)
+            prepared.add_metric([name], st.prepared_bytes)
+            blocked.add_metric([name], 0.0 if st.promotion_blocked_at_seq is None else 1.0)
             if st.newest_checkpoint is not None:
                 rpo.add_metric([name], max(0.0, now - st.newest_checkpoint.time))
             promoted.add_metric([name], 1.0 if st.failover_phase is not None else 0.0)
         yield from (writes, written, in_sync, progress, used, limit, history, history_cfg)
+        yield from (prepared, blocked)
         yield from (taken, inconsistent, rpo, consistent, promoted)
         yield from self._replication()
         yield GaugeMetricFamily(

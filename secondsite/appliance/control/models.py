@@ -239,6 +239,12 @@ class JournalUsage(_Reply):
     history_met: bool
     level: str
     messages: list[str] = []
+    prepared_bytes: int = 0
+    """Segment space written ahead of the records (spare files, the active segment's unused
+    part): on disk besides ``used_bytes``, not counted against the hard limit."""
+    promotion_blocked_at_seq: int | None = None
+    """Set while open PIT images pin a checkpoint and keep retention from promoting as far as
+    history or the hard limit wants: the lowest seq they pin (close them to let it go on)."""
 
 
 class VolumeStatus(_Reply):

@@ -234,6 +234,8 @@ class Journal:
         self._pin_lock = threading.Lock()
         self._images: set[PitImage] = set()
         self._promote_lock = asyncio.Lock()
+        self._volume_lock = asyncio.Lock()
+        """Serializes add_volume(): an id is chosen, then persisted in a thread."""
         self._promoting_to: int | None = None
         self._failover_phase: str | None = None
         self._failover_volumes: dict[str, FailoverVolume] = {}
@@ -542,9 +544,17 @@ class Journal:
     async def add_volume(
         self, name: str, size: int, replica_path: str | os.PathLike[str] | None = None
     ) -> VolumeInfo:
-        """Add a volume (idempotent for the same name and size). Creates its sparse replica."""
+        """Add a volume (idempotent for the same name and size). Creates its sparse replica.
+
+        Concurrent calls are taken one at a time, so each new volume gets its own id."""
         if size <= 0:
             raise OutOfRangeError(f"volume {name}: size must be positive")
+        async with self._volume_lock:
+            return await self._add_volume(name, size, replica_path)
+
+    async def _add_volume(
+        self, name: str, size: int, replica_path: str | os.PathLike[str] | None
+    ) -> VolumeInfo:
         existing = self._volumes.get(name)
         if existing is not None:
             if existing.info.size != size:

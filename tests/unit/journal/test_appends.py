@@ -101,3 +101,21 @@ async def test_segments_roll_at_the_configured_size(tmp_path: Path) -> None:
     assert segs[0] == "0000000000000001.seg"
     assert all(p.stat().st_size <= 64 << 10 for p in (tmp_path / "j" / "segments").glob("*.seg"))
     assert len(list((tmp_path / "j" / "segments").glob("*.idx"))) == len(segs) - 1
+
+
+async def test_volumes_added_at_once_get_their_own_ids(tmp_path: Path) -> None:
+    j = await Journal.open(tmp_path / "j")
+    infos = await asyncio.gather(*(j.add_volume(f"v{i}", 4096 * (i + 1)) for i in range(4)))
+    again = await asyncio.gather(j.add_volume("v0", 4096), j.add_volume("v0", 4096))
+    assert sorted(v.id for v in infos) == [0, 1, 2, 3]
+    assert [v.id for v in again] == [infos[0].id] * 2
+    for i, v in enumerate(infos):
+        await j.append_write(v.name, 0, bytes([i + 1]) * 4096)
+    cp = await j.checkpoint()
+    await j.close()
+    j = await Journal.open(tmp_path / "j")
+    assert sorted((v.name, v.id) for v in j.volumes()) == [(f"v{i}", i) for i in range(4)]
+    for i in range(4):
+        async with await j.open_image(f"v{i}", cp) as img:
+            assert await img.read(0, 4096) == bytes([i + 1]) * 4096
+    await j.close()
