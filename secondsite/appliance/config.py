@@ -137,13 +137,33 @@ class JournalSpec(_Model):
     """The protected appliances (their `name`) whose streams feed this journal. Empty: the
     journal takes the writes of this appliance's own volumes (local capture). Checkpoints are cuts
     across every source, taken only while all of them are connected."""
+    replicas: dict[Name, Path] = {}
+    """Journals with `sources` only: the replica file of a volume, by volume name, for volumes
+    whose replica is not `<directory>/replicas/<volume>.img` (say, after reverse protection, the
+    file that was the volume's backing store when this appliance protected it). An existing file
+    must have the volume's size; it is used as it is, not cleared."""
 
     @model_validator(mode="after")
     def _check_sources(self) -> Self:
         dup = {s for s in self.sources if self.sources.count(s) > 1}
         if dup:
             raise ValueError(f"journal {self.vpg}: sources listed twice: {', '.join(sorted(dup))}")
+        if self.replicas and not self.sources:
+            raise ValueError(
+                f"journal {self.vpg}: `replicas` is for journals fed by `sources`; the replica "
+                "of a locally captured volume is its volume's `replica`"
+            )
+        paths = [p.resolve() for p in self.replicas.values()]
+        dup_paths = {str(p) for p in paths if paths.count(p) > 1}
+        if dup_paths:
+            raise ValueError(
+                f"journal {self.vpg}: volumes share a replica file: {', '.join(sorted(dup_paths))}"
+            )
         return self
+
+    def replica_of(self, volume: str) -> Path:
+        """The replica file of a stream-fed ``volume``."""
+        return self.replicas.get(volume, self.directory / "replicas" / f"{volume}.img")
 
     def history_seconds(self) -> int:
         return parse_duration(self.history)
@@ -341,6 +361,15 @@ class ApplianceConfig(_Model):
                 raise ValueError(
                     f"volume {vol.name}: no journal and no `protected` entry for VPG {vol.vpg}"
                 )
+        backings = {v.backing.resolve(): v.name for v in self.volumes if v.backing is not None}
+        for j in self.journals:
+            for volume in j.replicas:
+                served = backings.get(j.replica_of(volume).resolve())
+                if served is not None:
+                    raise ValueError(
+                        f"journal {j.vpg}: the replica of {volume} is the backing store of "
+                        f"volume {served}, which this appliance serves"
+                    )
         if fed and self.listen.stream is None:
             raise ValueError(
                 f"journals with sources ({', '.join(sorted(fed))}) need `listen.stream`"

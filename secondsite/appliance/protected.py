@@ -106,6 +106,7 @@ __all__ = [
     "MIRROR_BACKPRESSURE_SECONDS",
     "AckGate",
     "ProtectedVpg",
+    "discard_sync_state",
     "mark_payload",
     "parse_mark",
     "sender_settings",
@@ -123,6 +124,7 @@ _SHIP_BATCH: Final = 16 << 20
 _MAX_ZERO: Final = 1 << 30
 _ZEROES: Final = bytes(SHIP_CHUNK)
 _DRAIN_SECONDS: Final = 10.0
+_CAPTURE_STATE: Final = "capture-state.json"
 """At a clean stop, how long to wait for the recovery side to acknowledge the buffer."""
 _RATE_PERIOD: Final = 1.0
 INTENT_REGION: Final = 1 << 20
@@ -320,6 +322,15 @@ class _Replicated:
         return self.dirty is not None
 
 
+def discard_sync_state(spec: ProtectedVpgSpec, volumes: list[VolumeSpec]) -> None:
+    """Forget what a stopped protected VPG knew of its volumes' sync (reverse protection: they
+    became replicas of the other site's volumes); protected again from ``spec.directory``, every
+    volume is synced as a new one."""
+    (spec.directory / _CAPTURE_STATE).unlink(missing_ok=True)
+    for vs in volumes:
+        (spec.directory / f"{vs.name}.intent").unlink(missing_ok=True)
+
+
 class ProtectedVpg(CapturedVolumes):
     """One VPG captured here and replicated to ``spec.recovery``. `await start()`, serve its
     exports (:attr:`volumes`), `await stop()`. It is the write target of its capture exports."""
@@ -343,7 +354,7 @@ class ProtectedVpg(CapturedVolumes):
         self.volumes: dict[str, VolumeRuntime] = {}
         self._sides: dict[str, _Replicated] = {}
         self.tasks = TaskSet(self.name)
-        self._state = CaptureStateFile(spec.directory / "capture-state.json")
+        self._state = CaptureStateFile(spec.directory / _CAPTURE_STATE)
         self._mirrors = MirrorWatch(self.name, self.tasks, self._set_mirror_state)
         self.gate = AckGate()
         self.buffer = ProtectedBuffer(spec.buffer_size())

@@ -36,6 +36,7 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Final
 
 from secondsite.appliance.config import JournalSpec
@@ -105,10 +106,18 @@ class _Turn:
 class JournalSink:
     """The :class:`~secondsite.appliance.stream.StreamSink` of one VPG's journal (module doc)."""
 
-    def __init__(self, vpg: str, journal: Journal, sources: Sequence[str]) -> None:
+    def __init__(
+        self,
+        vpg: str,
+        journal: Journal,
+        sources: Sequence[str],
+        replicas: Mapping[str, Path] | None = None,
+    ) -> None:
         self.vpg = vpg
         self.journal = journal
         self.allowed = set(sources)
+        self.replicas = dict(replicas or {})
+        """Replica files of volumes not kept at the journal's default place (JournalSpec)."""
         self.sources: dict[str, SourceState] = {}
         self._owners: dict[str, str] = {}
         self._adding: dict[str, asyncio.Task[None]] = {}
@@ -180,13 +189,15 @@ class JournalSink:
 
     async def _add_volume(self, source: str, v: VolumeEntry) -> None:
         if not any(known.name == v.name for known in self.journal.volumes()):
-            await self.journal.add_volume(v.name, v.size)
+            replica = self.replicas.get(v.name)
+            await self.journal.add_volume(v.name, v.size, replica)
             log.info(
-                "vpg=%s source=%s volume=%s event=volume-added size=%d",
+                "vpg=%s source=%s volume=%s event=volume-added size=%d replica=%s",
                 self.vpg,
                 source,
                 v.name,
                 v.size,
+                replica or "default",
             )
 
     def _added(self, source: str, task: asyncio.Task[None]) -> None:
@@ -303,7 +314,7 @@ class RecoveryVpg(JournaledVpg):
 
     async def start(self) -> None:
         journal = await self._open_journal()
-        self.sink = JournalSink(self.name, journal, self.spec.sources)
+        self.sink = JournalSink(self.name, journal, self.spec.sources, self.spec.replicas)
         self._start_loops()
         log.info(
             "vpg=%s event=recovery-started sources=%s positions=%s next_seq=%d",

@@ -54,6 +54,7 @@ from secondsite.appliance.control.models import (
     CheckpointInfo,
     FailoverState,
     ImageInfo,
+    ReverseResult,
 )
 from secondsite.appliance.control.server import ControlServer
 from secondsite.appliance.exports import IMAGE_PREFIX, ApplianceExports, PitExport
@@ -62,10 +63,12 @@ from secondsite.appliance.journal import (
     ImagesOpenError,
     Journal,
     JournalClosedError,
+    discard_journal,
 )
 from secondsite.appliance.nbd.server import NBDServer, new_event_loop
-from secondsite.appliance.protected import ProtectedVpg
+from secondsite.appliance.protected import ProtectedVpg, discard_sync_state
 from secondsite.appliance.recovery import RecoveryVpg
+from secondsite.appliance.reverse import RecoveredVpg, ReversePlan, plan_reverse
 from secondsite.appliance.stream import BandwidthLimiter, StreamReceiver, StreamSink, server_context
 from secondsite.appliance.vpg import JournaledVpg, VpgRuntime
 
@@ -108,6 +111,7 @@ _WHY_JOURNAL = {
     "again, or restart the appliance",
     "segmentBytes": "the segment size is fixed when the journal opens; restart the appliance",
     "scratchDirectory": "scratch overlays of open images live there; restart the appliance",
+    "replicas": "the replicas of a running journal cannot move; remove the VPG and add it again",
 }
 _WHY_VOLUME = {
     "vpg": "a volume cannot move between VPGs while protected",
@@ -438,6 +442,8 @@ class Appliance:
         self.control: ControlServer | None = None
         self._apply_lock = asyncio.Lock()
         self._promoted: dict[str, Checkpoint] = {}
+        self._committed: dict[str, Checkpoint] = {}
+        """Failovers committed since start, by VPG: what reverse protection needs."""
 
     def _journaled(self, spec: JournalSpec, config: ApplianceConfig) -> JournaledVpg:
         if spec.sources:
@@ -579,56 +585,75 @@ class Appliance:
 
         Starts added VPGs (journaled, recovery and protected), adds volumes to running journaled
         VPGs, retunes retention and the bandwidth limit, then stops removed VPGs (their journals
-        stay on disk; images pinned on them are closed). Changes that cannot be applied live raise
-        :class:`ApplyConflict` and an unusable backing store :class:`ApplyInvalid`, both before
-        anything is touched. An I/O error while starting raises :class:`ApplyFailed` after
-        stopping what this call started (volumes added to running VPGs stay).
+        stay on disk; images pinned on them are closed). A VPG that changes role (journaled here
+        and now protected, or the other way round: reverse protection) is stopped in its old
+        role before it starts in the new one, since both use the same files. Changes that cannot
+        be applied live raise :class:`ApplyConflict` and an unusable backing store
+        :class:`ApplyInvalid`, both before anything is touched. An I/O error while starting
+        raises :class:`ApplyFailed` after stopping what this call started and restarting VPGs
+        in the roles they had (volumes added to running VPGs stay).
         """
         async with self._apply_lock:
-            phases = {n: v.journal.failover_phase for n, v in self.vpgs.items() if v.journal}
-            changes = plan_apply(self.config, desired, phases)
-            _preflight(desired, changes)
-            current = self.config
-            started: list[JournaledVpg | ProtectedVpg] = []
-            try:
-                for change in changes:
-                    if change.kind == "vpg" and change.action == "added":
-                        vpg = self._journaled(desired.journal_for(change.name), desired)
-                        await _start_vpg(vpg)
-                        started.append(vpg)
-                        self.vpgs[vpg.name] = vpg
-                    elif change.kind == "protected" and change.action == "added":
-                        pvpg = self._protected(desired.protected_for(change.name), desired)
-                        await _start_vpg(pvpg)
-                        started.append(pvpg)
-                        self.protected[pvpg.name] = pvpg
-                    elif change.kind == "volume" and change.action == "added":
-                        spec = next(v for v in desired.volumes if v.name == change.name)
-                        running = self.vpgs.get(spec.vpg)
-                        if any(j.vpg == spec.vpg for j in current.journals):
-                            assert isinstance(running, VpgRuntime)
-                            await running.add_volume(spec)
-            except Exception as e:
-                for runtime in reversed(started):
-                    if isinstance(runtime, ProtectedVpg):
-                        self.protected.pop(runtime.name, None)
-                    else:
-                        self.vpgs.pop(runtime.name, None)
-                    await runtime.stop()
-                log.error("event=apply-failed error=%r undone=%s", e, [v.name for v in started])
-                raise ApplyFailed(
-                    f"applying failed: {e}; the VPGs this request started were stopped again"
-                ) from e
+            return await self._apply(desired)
+
+    async def _apply(self, desired: ApplianceConfig) -> ApplyResult:
+        phases = {n: v.journal.failover_phase for n, v in self.vpgs.items() if v.journal}
+        changes = plan_apply(self.config, desired, phases)
+        _preflight(desired, changes)
+        current = self.config
+        switching = _role_switches(changes)
+        stayed = {j.vpg for j in current.journals} & {j.vpg for j in desired.journals}
+        started: list[JournaledVpg | ProtectedVpg] = []
+        for name in switching:
+            await self._stop_role(name)
+        try:
             for change in changes:
-                if change.kind == "vpg" and change.action == "changed":
-                    self.vpgs[change.name].retune(desired.journal_for(change.name))
-                elif change.kind == "vpg" and change.action == "removed":
-                    await self._remove_vpg(change.name)
-                elif change.kind == "protected" and change.action == "removed":
-                    await self.protected.pop(change.name).stop()
-                elif change.kind == "appliance" and change.name == "bandwidthLimit":
-                    self.limiter.rate = desired.bandwidth_bytes()
-            self.config = desired
+                if change.kind == "vpg" and change.action == "added":
+                    vpg = self._journaled(desired.journal_for(change.name), desired)
+                    await _start_vpg(vpg)
+                    started.append(vpg)
+                    self.vpgs[vpg.name] = vpg
+                elif change.kind == "protected" and change.action == "added":
+                    pvpg = self._protected(desired.protected_for(change.name), desired)
+                    await _start_vpg(pvpg)
+                    started.append(pvpg)
+                    self.protected[pvpg.name] = pvpg
+                elif change.kind == "volume" and change.action == "added":
+                    spec = next(v for v in desired.volumes if v.name == change.name)
+                    if spec.vpg in stayed:
+                        running = self.vpgs[spec.vpg]
+                        assert isinstance(running, VpgRuntime)
+                        await running.add_volume(spec)
+        except Exception as e:
+            for runtime in reversed(started):
+                if isinstance(runtime, ProtectedVpg):
+                    self.protected.pop(runtime.name, None)
+                else:
+                    self.vpgs.pop(runtime.name, None)
+                await runtime.stop()
+            restarted = await self._restart_roles(current, switching)
+            log.error(
+                "event=apply-failed error=%r undone=%s restarted=%s",
+                e,
+                ",".join(v.name for v in started) or "-",
+                ",".join(restarted) or "-",
+            )
+            raise ApplyFailed(
+                f"applying failed: {e}; the VPGs this request started were stopped again"
+                + (f" and {', '.join(restarted)} restarted as before" if restarted else "")
+            ) from e
+        for change in changes:
+            if change.name in switching and change.action == "removed":
+                continue  # stopped above
+            if change.kind == "vpg" and change.action == "changed":
+                self.vpgs[change.name].retune(desired.journal_for(change.name))
+            elif change.kind == "vpg" and change.action == "removed":
+                await self._remove_vpg(change.name)
+            elif change.kind == "protected" and change.action == "removed":
+                await self.protected.pop(change.name).stop()
+            elif change.kind == "appliance" and change.name == "bandwidthLimit":
+                self.limiter.rate = desired.bandwidth_bytes()
+        self.config = desired
         for change in changes:
             log.info(
                 "event=applied kind=%s name=%s action=%s fields=%s",
@@ -639,11 +664,85 @@ class Appliance:
             )
         return ApplyResult(changes=changes)
 
+    async def _stop_role(self, name: str) -> None:
+        """Stop VPG ``name`` in the role it has here (journaled or protected)."""
+        if name in self.vpgs:
+            await self._remove_vpg(name)
+        else:
+            await self.protected.pop(name).stop()
+        log.info("vpg=%s event=role-stopped why=role-switch", name)
+
+    async def _restart_roles(self, config: ApplianceConfig, names: list[str]) -> list[str]:
+        """Start VPGs ``names`` again as ``config`` has them (undoing a failed role switch);
+        returns those that started (one that fails is logged and stays stopped)."""
+        restarted: list[str] = []
+        for name in names:
+            runtime: JournaledVpg | ProtectedVpg
+            if any(j.vpg == name for j in config.journals):
+                runtime = self._journaled(config.journal_for(name), config)
+            else:
+                runtime = self._protected(config.protected_for(name), config)
+            try:
+                await _start_vpg(runtime)
+            except Exception as e:
+                log.error("vpg=%s event=restart-failed error=%r", name, e)
+                continue
+            if isinstance(runtime, ProtectedVpg):
+                self.protected[name] = runtime
+            else:
+                self.vpgs[name] = runtime
+            restarted.append(name)
+        return restarted
+
+    # -- reverse protection ----------------------------------------------------------------
+
+    async def reverse(
+        self,
+        vpg_name: str,
+        *,
+        peer: str,
+        peer_stream: str | None = None,
+        directory: Path | None = None,
+    ) -> ReverseResult:
+        """Swap the VPG's direction of protection with the appliance ``peer`` (`reverse`
+        module): plan this appliance's side, apply it like a `PUT /v1/config`, then discard the
+        state of the role the VPG left. Raises :class:`ReverseRefused` (nothing changed) when
+        the VPG cannot be reversed here."""
+        async with self._apply_lock:
+            recovered = None
+            if vpg_name in self.vpgs:
+                journal = self.journal(vpg_name)
+                committed = self._committed.get(vpg_name)
+                recovered = RecoveredVpg(
+                    failover_phase=journal.failover_phase,
+                    committed_checkpoint=None if committed is None else committed.id,
+                    replicas={v.name: v.replica_path for v in journal.volumes()},
+                )
+            plan = plan_reverse(
+                self.config,
+                vpg_name,
+                peer=peer,
+                peer_stream=peer_stream,
+                directory=directory,
+                recovered=recovered,
+            )
+            result = await self._apply(plan.config)
+            await asyncio.to_thread(_discard_former_role, plan)
+        log.info(
+            "vpg=%s event=reversed role=%s peer=%s changes=%d",
+            vpg_name,
+            plan.role,
+            peer,
+            len(result.changes),
+        )
+        return ReverseResult(vpg=vpg_name, role=plan.role.value, changes=result.changes)
+
     async def _remove_vpg(self, name: str) -> None:
         vpg = self.vpgs.pop(name)
         for image in self.images.of_vpg(name):
             self.images.close(image)
         self._promoted.pop(name, None)
+        self._committed.pop(name, None)
         await vpg.stop()
 
     # -- images ----------------------------------------------------------------------------
@@ -720,6 +819,8 @@ class Appliance:
     async def commit(self, vpg_name: str) -> None:
         await self.journal(vpg_name).commit()
         cp = self._promoted.pop(vpg_name, None)
+        if cp is not None:
+            self._committed[vpg_name] = cp
         log.info("vpg=%s event=failover-committed checkpoint=%s", vpg_name, cp and cp.id)
 
     async def rollback(self, vpg_name: str) -> None:
@@ -743,6 +844,30 @@ class Appliance:
             raise NotMirrorTargetError(f"volume {volume} is captured in-path, not a mirror target")
         assert isinstance(vpg, VpgRuntime | ProtectedVpg)  # the ones with captured volumes
         vpg.set_mirror_ready(volume, ready)
+
+
+def _role_switches(changes: list[Change]) -> list[str]:
+    """VPGs that a change list removes in one role (journaled, protected) and adds in the
+    other."""
+    roles = {"vpg", "protected"}
+    removed = {(c.kind, c.name) for c in changes if c.kind in roles and c.action == "removed"}
+    added = {(c.kind, c.name) for c in changes if c.kind in roles and c.action == "added"}
+    return sorted({name for kind, name in removed if ((roles - {kind}).pop(), name) in added})
+
+
+def _discard_former_role(plan: ReversePlan) -> None:
+    """After a reverse: delete the state of the role the VPG left (it would mislead a later
+    reverse that puts the VPG back in that role, in the same directory)."""
+    journal_dir = plan.discarded_journal()
+    if journal_dir is not None:
+        discard_journal(journal_dir)
+        log.info("vpg=%s event=journal-discarded directory=%s", plan.vpg, journal_dir)
+    protection = plan.discarded_protection()
+    if protection is not None:
+        discard_sync_state(*protection)
+        log.info(
+            "vpg=%s event=sync-state-discarded directory=%s", plan.vpg, protection[0].directory
+        )
 
 
 async def _start_vpg(vpg: JournaledVpg | ProtectedVpg) -> None:

@@ -62,6 +62,8 @@ from .models import (
     MirrorReadyRequest,
     PromoteRequest,
     ProtectedVpgStatus,
+    ReverseRequest,
+    ReverseResult,
     VolumeStatus,
     VpgStatus,
 )
@@ -398,6 +400,19 @@ class ControlClient:
     async def rollback(self, vpg: str) -> FailoverState:
         return await self._model(FailoverState, "POST", self._url("v1", "vpgs", vpg, "rollback"))
 
-    async def reverse(self, vpg: str) -> None:
-        """Reverse the VPG's replication direction (UnsupportedError until the stream exists)."""
-        await self._call("POST", self._url("v1", "vpgs", vpg, "reverse"))
+    async def reverse(
+        self,
+        vpg: str,
+        *,
+        peer: str,
+        peer_stream: str | None = None,
+        directory: Path | None = None,
+    ) -> ReverseResult:
+        """Reverse the VPG's direction of protection after a committed failover (call it on
+        both appliances): ``peer`` is the other appliance's name, ``peer_stream`` its stream
+        address (needed on the former recovery appliance, which starts streaming to it);
+        ``directory`` where the new role keeps its files. Raises ConflictError when the VPG
+        cannot be reversed here (the message says why), and then changes nothing."""
+        url = self._url("v1", "vpgs", vpg, "reverse")
+        body = ReverseRequest(peer=peer, peer_stream=peer_stream, directory=directory)
+        return await self._model(ReverseResult, "POST", url, body=body)

@@ -16,6 +16,7 @@ FailoverStateError            409     failover-state
 ImagesOpenError               409     images-open
 ImageBusyError                409     image-busy
 NotMirrorTargetError          409     not-mirror-target
+ReverseRefused                409     cannot-reverse
 CheckpointSkipped             409     checkpoint-not-taken
 JournalClosedError            409     vpg-stopped
 VolumeExistsError             409     volume-exists
@@ -47,6 +48,7 @@ __all__ = [
     "Conflict",
     "ImageBusyError",
     "NotMirrorTargetError",
+    "ReverseRefused",
     "UnknownImageError",
     "UnknownVolumeError",
     "UnknownVpgError",
@@ -73,6 +75,10 @@ class ImageBusyError(RuntimeError):
 
 class NotMirrorTargetError(RuntimeError):
     """Mirror readiness was set for a volume captured in-path."""
+
+
+class ReverseRefused(RuntimeError):
+    """The VPG cannot be reversed on this appliance now; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +150,7 @@ _BY_TYPE: list[tuple[type[BaseException], int, str]] = [
     (journal.ImagesOpenError, 409, "images-open"),
     (ImageBusyError, 409, "image-busy"),
     (NotMirrorTargetError, 409, "not-mirror-target"),
+    (ReverseRefused, 409, "cannot-reverse"),
     (CheckpointSkipped, 409, "checkpoint-not-taken"),
     (journal.JournalClosedError, 409, "vpg-stopped"),
     (journal.VolumeExistsError, 409, "volume-exists"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -44,6 +45,8 @@ __all__ = [
     "ProtectedVpgStatus",
     "ReplicationSource",
     "ReplicationStatus",
+    "ReverseRequest",
+    "ReverseResult",
     "StreamCounters",
     "Throughput",
     "VolumeStatus",
@@ -225,6 +228,29 @@ class FailoverState(_Reply):
 
 class MirrorReadyRequest(_Request):
     ready: bool
+
+
+class ReverseRequest(_Request):
+    """`POST /v1/vpgs/{vpg}/reverse`: what the appliance needs to know of the other end."""
+
+    peer: Annotated[str, Field(min_length=1, max_length=63)]
+    """The other appliance's name (its identity in replication streams)."""
+    peer_stream: str | None = None
+    """The other appliance's stream listener, `host:port`: needed on the appliance that becomes
+    the protected side (the former recovery appliance)."""
+    directory: Path | None = None
+    """Where the VPG's new role keeps its files (journal or sync state); default: where its
+    former role kept them."""
+
+
+class ReverseResult(_Reply):
+    """The answer to a reverse: the role the appliance took and what its config changed."""
+
+    vpg: str
+    role: Literal["protected", "recovery"]
+    """`protected`: this appliance now serves the volumes and streams them; `recovery`: it now
+    journals them from the peer."""
+    changes: list[Change] = []
 
 
 # -- status --------------------------------------------------------------------------------------

@@ -23,7 +23,15 @@ Routes (every `/v1` route needs `Authorization: Bearer <token>`, and a client ce
     POST   /v1/vpgs/{vpg}/promote   PromoteRequest     FailoverState                 404 409
     POST   /v1/vpgs/{vpg}/commit                       FailoverState                 409
     POST   /v1/vpgs/{vpg}/rollback                     FailoverState                 409
-    POST   /v1/vpgs/{vpg}/reverse                      501 (needs the replication stream)
+    POST   /v1/vpgs/{vpg}/reverse   ReverseRequest     ReverseResult                 404 409 422
+
+Reverse (reverse protection, failback; see `secondsite.appliance.reverse`): called on both
+appliances of a VPG after a failover was committed on the recovery one. On the recovery appliance
+(body: the peer's `peer` name and `peerStream` address) the journal goes and its replicas become
+in-path volumes streamed to the peer; on the protected one (body: the peer's `peer` name) the
+volumes stop being served and their backing files become the replicas of a journal fed by the
+peer. The reversed config is applied like a `PUT /v1/config`; 409 `cannot-reverse` says why a VPG
+cannot be reversed (no committed failover, a promotion not committed, mirror targets, ...).
 
 Errors are ``{"error": code, "message": ..., "details": [...]}`` (`errors` lists the codes);
 401 carries ``WWW-Authenticate: Bearer``. A request that is not HTTP gets aiohttp's 400 and
@@ -57,6 +65,7 @@ from .models import (
     MirrorReadyRequest,
     PromoteRequest,
     ProtectedVpgStatus,
+    ReverseRequest,
     VolumeStatus,
     VpgStatus,
     check_checkpoint_ref,
@@ -392,10 +401,11 @@ class ControlServer:
         return _json(self._appliance.failover_state(vpg))
 
     async def _reverse(self, request: web.Request) -> web.Response:
-        self._appliance.vpg(request.match_info["vpg"])
-        raise ApiError(
-            501,
-            "not-implemented",
-            "reversing a VPG's replication direction is not implemented yet: it needs delta sync "
-            "by block checksums over the replication stream",
+        body = await _body(request, ReverseRequest)
+        result = await self._appliance.reverse(
+            request.match_info["vpg"],
+            peer=body.peer,
+            peer_stream=body.peer_stream,
+            directory=body.directory,
         )
+        return _json(result)

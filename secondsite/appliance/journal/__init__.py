@@ -17,7 +17,14 @@ from .errors import (
     VolumeExistsError,
 )
 from .failover import FailoverVolume
-from .journal import Journal, JournalConfig, JournalStatus, PendingAppend, VolumeInfo
+from .journal import (
+    Journal,
+    JournalConfig,
+    JournalStatus,
+    PendingAppend,
+    VolumeInfo,
+    discard_journal,
+)
 from .pit import PitImage
 from .retention import HistoryLevel, RetentionPolicy, RetentionStatus
 
@@ -43,4 +50,5 @@ __all__ = [
     "UnknownVolumeError",
     "VolumeExistsError",
     "VolumeInfo",
+    "discard_journal",
 ]

@@ -37,6 +37,7 @@ import collections
 import contextlib
 import logging
 import os
+import shutil
 import threading
 import time
 import types
@@ -1438,6 +1439,17 @@ class Journal:
         undo.remove()
         self._write_state(failover=None)
         log.info(self._log("journal: failover rolled back", undo_entries=n))
+
+
+def discard_journal(directory: Path) -> None:
+    """Delete the files of a closed journal in ``directory`` except its replicas: reverse
+    protection keeps the replicas as the volumes themselves, and a journal opened there later
+    must start empty (no stale positions, checkpoints or volume table)."""
+    for name in ("state.json", "volumes.json", "failover.undo"):
+        (directory / name).unlink(missing_ok=True)
+    for sub in ("segments", "scratch"):
+        shutil.rmtree(directory / sub, ignore_errors=True)
+    fsync_dir(directory)
 
 
 _ROW = (*REC_COLS, "seg")

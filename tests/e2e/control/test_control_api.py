@@ -29,7 +29,6 @@ from secondsite.appliance.control import (
     InvalidRequestError,
     NotFoundError,
     ServerError,
-    UnsupportedError,
 )
 from secondsite.appliance.control.models import ErrorBody, VpgStatus
 
@@ -277,15 +276,16 @@ async def test_adding_a_volume_to_a_running_vpg(
     assert [d["path"] for d in info.value.details] == ["volumes.d1"]
 
 
-async def test_reverse_is_not_implemented_yet(
+async def test_reverse_refuses_a_locally_captured_vpg(
     appliance: ApplianceProcess, client: ControlClient, workdir: Path
 ) -> None:
     await client.put_config(appliance.config([journal(workdir, "app")], []))
-    with pytest.raises(UnsupportedError) as info:
-        await client.reverse("app")
-    assert info.value.status == 501 and "replication stream" in info.value.message
+    with pytest.raises(ConflictError) as info:
+        await client.reverse("app", peer="elsewhere", peer_stream="127.0.0.1:9")
+    assert info.value.code == "cannot-reverse" and "local capture" in info.value.message
+    assert [j.vpg for j in (await client.get_config()).journals] == ["app"]
     with pytest.raises(NotFoundError):
-        await client.reverse("nope")
+        await client.reverse("nope", peer="elsewhere")
 
 
 async def test_a_vpg_that_fails_to_start_undoes_the_whole_apply(

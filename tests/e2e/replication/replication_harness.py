@@ -47,6 +47,7 @@ __all__ = [
     "journal_spec",
     "make_pki",
     "protected_node",
+    "qemu_io",
     "recovery_node",
     "requires_peers",
     "wait_identical",
@@ -281,6 +282,16 @@ def protected_node(
 
 
 # -- checks --------------------------------------------------------------------------------------
+
+
+def qemu_io(uri: str, *commands: str) -> None:
+    """Run qemu-io ``commands`` on ``uri`` (a file or an NBD URI); every one must succeed."""
+    args = ["qemu-io", "-f", "raw"]
+    for c in commands:
+        args += ["-c", c]
+    proc = subprocess.run([*args, uri], capture_output=True, text=True, timeout=60, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "failed" not in out.lower(), out
 
 
 def identical(source: Path, recovery: Node, volume: str, which: str = "latest") -> tuple[bool, str]:

@@ -5,7 +5,6 @@ the recovery appliance does not trust."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from replication_harness import (
     free_port,
     journal_spec,
     protected_node,
+    qemu_io,
     recovery_node,
     requires_peers,
     wait_identical,
@@ -30,15 +30,6 @@ pytestmark = [pytest.mark.qemu, requires_peers, pytest.mark.timeout(180)]
 
 VPG = "db"
 VOLUMES = {"vol0": 64 * MiB, "vol1": 32 * MiB}
-
-
-def qemu_io(uri: str, *commands: str) -> None:
-    args = ["qemu-io", "-f", "raw"]
-    for c in commands:
-        args += ["-c", c]
-    proc = subprocess.run([*args, uri], capture_output=True, text=True, timeout=60, check=False)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "failed" not in out.lower(), out
 
 
 async def test_writes_through_the_protected_export_reach_the_recovery_side(

@@ -1,0 +1,233 @@
+"""Reverse protection planned without processes: the reversed config of each side, the refusals,
+a failback that restores the original configs, and per-volume replica files of stream-fed
+journals."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from secondsite.appliance.config import ApplianceConfig, CaptureMode
+from secondsite.appliance.control.errors import ReverseRefused, UnknownVpgError
+from secondsite.appliance.journal import Journal, JournalConfig
+from secondsite.appliance.recovery import JournalSink
+from secondsite.appliance.reverse import RecoveredVpg, ReverseRole, plan_reverse
+from secondsite.appliance.runtime import plan_apply
+from secondsite.appliance.stream import VolumeEntry
+
+TLS = {"certFile": "/etc/ss/app.crt", "keyFile": "/etc/ss/app.key", "caFile": "/etc/ss/ca.crt"}
+P_STREAM = "10.0.0.1:7400"
+R_STREAM = "10.0.0.9:7400"
+
+
+def protected_side(**kw: Any) -> ApplianceConfig:
+    return ApplianceConfig.model_validate(
+        {
+            "name": "site-a",
+            "listen": {"nbdUnix": "/run/ss/nbd.sock", "stream": P_STREAM},
+            "streamTls": TLS,
+            "protected": [{"vpg": "db", "recovery": R_STREAM, "directory": "/var/lib/ss/db"}],
+            "volumes": [
+                {"name": "data", "vpg": "db", "backing": "/dev/vg/data"},
+                {"name": "logs", "vpg": "db", "backing": "/dev/vg/logs"},
+                {"name": "other", "vpg": "web", "backing": "/dev/vg/web"},
+            ],
+            "journals": [{"vpg": "web", "directory": "/var/lib/ss/web"}],
+            **kw,
+        }
+    )
+
+
+def recovery_side(sources: tuple[str, ...] = ("site-a",)) -> ApplianceConfig:
+    return ApplianceConfig.model_validate(
+        {
+            "name": "site-b",
+            "listen": {"nbdUnix": "/run/ss/nbd.sock", "stream": R_STREAM},
+            "streamTls": TLS,
+            "journals": [{"vpg": "db", "directory": "/data/db", "sources": list(sources)}],
+        }
+    )
+
+
+REPLICAS = {"data": Path("/data/db/replicas/data.img"), "logs": Path("/data/db/replicas/logs.img")}
+
+
+def committed(checkpoint: int | None = 42, phase: str | None = None) -> RecoveredVpg:
+    return RecoveredVpg(phase, checkpoint, dict(REPLICAS))
+
+
+def test_the_recovery_side_serves_its_replicas_and_streams_them_back() -> None:
+    plan = plan_reverse(
+        recovery_side(), "db", peer="site-a", peer_stream=P_STREAM, recovered=committed()
+    )
+    assert plan.role is ReverseRole.PROTECTED
+    config = plan.config
+    assert config.journals == []
+    spec = config.protected_for("db")
+    assert spec.recovery == P_STREAM and spec.directory == Path("/data/db")
+    vols = {v.name: v for v in config.volumes_of("db")}
+    assert {n: (v.capture, v.backing) for n, v in vols.items()} == {
+        n: (CaptureMode.IN_PATH, p) for n, p in REPLICAS.items()
+    }
+    assert plan.discarded_journal() == Path("/data/db")
+    assert plan.discarded_protection() is None
+
+
+def test_the_protected_side_journals_into_its_former_backing_files() -> None:
+    plan = plan_reverse(protected_side(), "db", peer="site-b")
+    assert plan.role is ReverseRole.RECOVERY
+    config = plan.config
+    assert config.protected == []
+    assert [v.name for v in config.volumes] == ["other"]  # the other VPG is untouched
+    journal = config.journal_for("db")
+    assert journal.sources == ["site-b"]
+    assert journal.directory == Path("/var/lib/ss/db")
+    assert journal.replicas == {"data": Path("/dev/vg/data"), "logs": Path("/dev/vg/logs")}
+    assert config.journal_for("web") == protected_side().journal_for("web")
+    spec, volumes = plan.discarded_protection() or (None, [])
+    assert spec == protected_side().protected_for("db") and len(volumes) == 2
+    given = plan_reverse(protected_side(), "db", peer="site-b", directory=Path("/srv/j"))
+    assert given.config.journal_for("db").directory == Path("/srv/j")
+
+
+def test_failback_returns_both_appliances_to_their_original_configs() -> None:
+    p0, r0 = protected_side(), recovery_side()
+    p1 = plan_reverse(p0, "db", peer="site-b").config
+    r1 = plan_reverse(r0, "db", peer="site-a", peer_stream=P_STREAM, recovered=committed()).config
+    # Failback: a failover committed on P (its replicas are the former backing files).
+    backings = dict(p1.journal_for("db").replicas)
+    p2 = plan_reverse(
+        p1, "db", peer="site-b", peer_stream=R_STREAM, recovered=RecoveredVpg(None, 7, backings)
+    ).config
+    r2 = plan_reverse(r1, "db", peer="site-a").config
+    assert p2.protected == p0.protected
+    assert sorted(p2.volumes, key=lambda v: v.name) == sorted(p0.volumes, key=lambda v: v.name)
+    assert p2.journals == p0.journals
+    (journal,) = r2.journals
+    assert (journal.vpg, journal.directory, journal.sources) == ("db", Path("/data/db"), ["site-a"])
+    assert {v: journal.replica_of(v) for v in REPLICAS} == REPLICAS
+    assert r2.volumes == [] and r2.protected == []
+
+
+def test_the_reversed_config_applies_as_a_role_switch() -> None:
+    r0 = recovery_side()
+    r1 = plan_reverse(r0, "db", peer="site-a", peer_stream=P_STREAM, recovered=committed()).config
+    changes = [(c.kind, c.name, c.action) for c in plan_apply(r0, r1, {"db": None})]
+    assert changes == [
+        ("protected", "db", "added"),
+        ("volume", "data", "added"),
+        ("volume", "logs", "added"),
+        ("vpg", "db", "removed"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("recovered", "words"),
+    [
+        (committed(phase="promoted"), "not committed"),
+        (committed(None), "promote to a checkpoint and commit first"),
+        (RecoveredVpg(None, 42, {}), "no volumes yet"),
+    ],
+)
+def test_the_recovery_side_wants_a_committed_failover(recovered: RecoveredVpg, words: str) -> None:
+    with pytest.raises(ReverseRefused, match=words):
+        plan_reverse(
+            recovery_side(), "db", peer="site-a", peer_stream=P_STREAM, recovered=recovered
+        )
+
+
+@pytest.mark.parametrize(
+    ("config", "kw", "words"),
+    [
+        (recovery_side(("site-a", "site-c")), {"peer": "site-a"}, "several appliances"),
+        (recovery_side(), {"peer": "site-c"}, "site-c is not the appliance"),
+        (recovery_side(), {"peer": "site-a", "peer_stream": None}, "give the stream address"),
+        (protected_side(), {"vpg": "web", "peer": "site-b"}, "local capture"),
+    ],
+)
+def test_what_the_recovery_side_cannot_reverse(
+    config: ApplianceConfig, kw: dict[str, Any], words: str
+) -> None:
+    args: dict[str, Any] = {"vpg": "db", "peer_stream": P_STREAM, "recovered": committed(), **kw}
+    with pytest.raises(ReverseRefused, match=words):
+        plan_reverse(config, **args)
+
+
+def test_a_replica_name_taken_by_a_served_volume_is_refused() -> None:
+    replicas = {"other": Path("/data/db/replicas/other.img")}
+    config = recovery_side().model_copy(update={"volumes": protected_side().volumes[2:]})
+    config = config.model_copy(
+        update={"journals": [*config.journals, protected_side().journals[0]]}
+    )
+    with pytest.raises(ReverseRefused, match="clash"):
+        plan_reverse(
+            config,
+            "db",
+            peer="site-a",
+            peer_stream=P_STREAM,
+            recovered=RecoveredVpg(None, 1, replicas),
+        )
+
+
+def test_what_the_protected_side_cannot_reverse() -> None:
+    mirrored = protected_side(
+        volumes=[{"name": "vm", "vpg": "db", "capture": "mirrorTarget", "size": "1Gi"}],
+        journals=[],
+    )
+    with pytest.raises(ReverseRefused, match="vm of VPG db are mirror targets"):
+        plan_reverse(mirrored, "db", peer="site-b")
+    no_listener = protected_side(listen={"nbdUnix": "/run/ss/nbd.sock"})
+    with pytest.raises(ReverseRefused, match="no stream listener"):
+        plan_reverse(no_listener, "db", peer="site-b")
+    with pytest.raises(ReverseRefused, match="own name"):
+        plan_reverse(protected_side(), "db", peer="site-a")
+    with pytest.raises(UnknownVpgError):
+        plan_reverse(protected_side(), "nope", peer="site-b")
+
+
+# -- replicas of stream-fed journals ----------------------------------------------------------
+
+
+def test_journal_replicas_default_and_validation() -> None:
+    config = recovery_side()
+    journal = config.journal_for("db")
+    assert journal.replica_of("data") == Path("/data/db/replicas/data.img")
+    data = config.model_dump(by_alias=True)
+    data["journals"][0]["replicas"] = {"data": "/x/a.img", "logs": "/x/a.img"}
+    with pytest.raises(ValidationError, match="share a replica file"):
+        ApplianceConfig.model_validate(data)
+    local = protected_side().model_dump(by_alias=True)
+    local["journals"][0]["replicas"] = {"other": "/x/o.img"}
+    with pytest.raises(ValidationError, match="for journals fed by `sources`"):
+        ApplianceConfig.model_validate(local)
+    served = protected_side().model_dump(by_alias=True)
+    served["journals"].append(
+        {"vpg": "mail", "directory": "/m", "sources": ["x"], "replicas": {"m": "/dev/vg/web"}}
+    )
+    with pytest.raises(ValidationError, match="backing store of volume other"):
+        ApplianceConfig.model_validate(served)
+
+
+async def test_the_sink_journals_into_the_named_replica_file_and_keeps_its_data(
+    tmp_path: Path,
+) -> None:
+    replica = tmp_path / "former-backing.img"
+    content = bytes(range(256)) * 256  # 64 KiB
+    replica.write_bytes(content)
+    journal = await Journal.open(tmp_path / "journal", JournalConfig(vpg="db"))
+    try:
+        sink = JournalSink("db", journal, ["site-b"], {"data": replica})
+        sink.attach("site-b", [VolumeEntry("data", len(content)), VolumeEntry("logs", 4096)])
+        for _ in range(100):
+            if len(journal.volumes()) == 2:
+                break
+            await asyncio.sleep(0.01)
+        paths = {v.name: v.replica_path for v in journal.volumes()}
+        assert paths == {"data": replica, "logs": tmp_path / "journal" / "replicas" / "logs.img"}
+        assert replica.read_bytes() == content
+    finally:
+        await journal.close()
