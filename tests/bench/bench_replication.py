@@ -1,24 +1,36 @@
 """Benchmark of replication between appliances over loopback (mutual TLS), against the single
 appliance (replication to self) on the same workload.
 
-Run: ``.venv/bin/python tests/bench/bench_replication.py`` (a script, not a test; a few minutes;
-``--help`` for options). Appliances are `secondsite appliance` processes, as in the e2e tests.
+Run: ``.venv/bin/python tests/bench/bench_replication.py`` (a script, not a test; about five
+minutes; ``--help`` for options). Appliances are `secondsite appliance` processes, as in the e2e
+tests. Every journal, single or recovery side, has the product's defaults for its segments
+(``segmentBytes``) and the same checkpoint interval in a section, so the baseline differs from
+the replicated run only by the stream.
 
-1. Throughput: ``qemu-img bench -t writeback`` at queue depth 16 on an in-path volume, 1 MiB
-   sequential and 4 KiB scattered writes, (a) on a single appliance journaling the volume itself,
-   (b) on a protected appliance streaming to a recovery appliance that journals it. The ratio (b)
-   / (a) is the cost of replication (target >= 0.7). A protected appliance acks once the backing
-   store has the write and its record is buffered (asynchronous replication); the recovery side
-   journals with group commit; every run ends only when the recovery side has it all durable
-   (the drain time is reported and counted in a second ratio).
-2. RPO under sustained writes paced at ``--rates`` MB/s (256 KiB writes, 4 in flight): the
-   protected side's replication lag (the age of the oldest change the recovery side has not
-   acknowledged durable) sampled every 20 ms, p50 / p99 / max (target p99 <= 1 s at 50 MB/s), and
-   the recovery side's checkpoint RPO (now minus the newest durable checkpoint, which adds up to
-   one checkpoint interval of 0.5 s).
+1. Throughput at queue depth 16 on an in-path volume: ``qemu-img bench -t writeback`` with 1 MiB
+   sequential and 4 KiB scattered writes (its buffers are zero-filled: compressible), and
+   ``nbdcopy`` of a file of random bytes (1 MiB requests, one connection): (a) on a single
+   appliance journaling the volume itself, (b) on a protected appliance streaming to a recovery
+   appliance that journals it. The ratio (b) / (a) is the cost of replication (target >= 0.7).
+   A protected appliance acks once the backing store has the write and its record is buffered
+   (asynchronous replication), while the single appliance acks once its journal has the record
+   durable; so every replicated run ends only when the recovery side has it all durable, and
+   the second ratio counts that drain time in.
+2. RPO under sustained writes paced at ``--rates`` MB/s (256 KiB writes of random bytes, 4 in
+   flight): the protected side's replication lag, i.e. the age of the oldest acknowledged write
+   that the recovery side has not acknowledged durable (what a loss of the protected site at
+   that moment would lose), sampled every 20 ms: p50 / p99 / max (target p99 <= 1 s at 50
+   MB/s); and the recovery side's checkpoint RPO (now minus the newest durable checkpoint,
+   which adds up to one checkpoint interval of 0.5 s).
 3. Checkpoint holds across two protected appliances feeding one journal, both loaded at 25 MB/s,
    checkpoints every 0.2 s: how long each appliance held its acks (p50 / p99 / max, target p99 <=
    20 ms), and how long the recovery side's cut took from HOLD to the checkpoint marked.
+4. Compression: ``nbdcopy`` of a compressible (text-like) and of an incompressible (random) file
+   to a protected volume, for each `compression` of the protected VPG (none, zstd, adaptive):
+   bytes on the wire per byte written (the stream's counters), and the process CPU seconds
+   (user + system, from ``/proc/<pid>/stat``) of the protected appliance (sender) and of the
+   recovery appliance (receiver) per GB written, from the start of the copy until the recovery
+   side has every write durable. `none` is the baseline of each workload.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import random
 import re
 import shutil
@@ -34,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +65,14 @@ from replication_harness import (
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "nbd"))
 from nbd_client import NBDClient, connect_and_go
 
+from secondsite.appliance.config import JournalSpec
+
 VPG = "bench"
 DEPTH = 16
 RUN_TIMEOUT = 300.0
+SEGMENT_BYTES = JournalSpec.model_fields["segment_bytes"].default
+"""The product's segment size, for every journal here (the e2e harness rolls small ones often)."""
+COMPRESSIONS = ("none", "zstd", "adaptive")
 
 
 def qemu_img_bench(uri: str, size: int, count: int, step: int) -> float:
@@ -70,6 +88,42 @@ def qemu_img_bench(uri: str, size: int, count: int, step: int) -> float:
     return float(match.group(1))
 
 
+def nbdcopy(source: Path, uri: str) -> float:
+    """Seconds ``nbdcopy`` took to copy ``source`` to ``uri`` (1 MiB requests, 16 in flight on
+    one connection: the queue depth of ``qemu_img_bench``)."""
+    argv = [
+        "nbdcopy", "--connections=1", "--threads=1", f"--requests={DEPTH}",
+        f"--request-size={MiB}", str(source), uri,
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"nbdcopy failed: {proc.stdout}{proc.stderr}")
+    return time.perf_counter() - t0
+
+
+def make_source(path: Path, kind: str, size: int) -> Path:
+    """A file of ``size`` bytes: random (incompressible) or text-like words (compressible about
+    4:1 by zstd, like logs or a database of text), tiled from a 16 MiB pool."""
+    rng = random.Random(1)
+    if kind == "compressible":
+        words = [rng.randbytes(rng.randrange(2, 9)).hex() for _ in range(4000)]
+        pool = " ".join(rng.choice(words) for _ in range(2_000_000)).encode()[: 16 * MiB]
+    else:
+        pool = b""
+    with open(path, "wb") as f:
+        for _ in range(size // (16 * MiB)):
+            f.write(pool if pool else os.urandom(16 * MiB))
+    return path
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads) so far."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
 def started(*nodes: Node) -> Iterator[None]:
     try:
@@ -83,14 +137,14 @@ def started(*nodes: Node) -> Iterator[None]:
             node.close()
 
 
-async def drained(node: Node, timeout: float = 120) -> float:
+async def drained(node: Node, timeout: float = 120, period: float = 0.02) -> float:
     """Seconds until the protected side's buffer is empty and every volume Protected."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         st = await node.protected_status(VPG)
         if st.buffer.records == 0 and st.state == "Protected":
             return time.monotonic() - t0
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(period)
     raise RuntimeError(f"{node.name} did not drain in {timeout}s")
 
 
@@ -116,6 +170,7 @@ def local_node(workdir: Path, size: int) -> Node:
                     "directory": str(workdir / "local" / "journal"),
                     "checkpointIntervalSeconds": 1,
                     "hardLimit": "64Gi",
+                    "segmentBytes": SEGMENT_BYTES,
                 }
             ],
             "volumes": [{"name": "vol0", "vpg": VPG, "backing": str(backing)}],
@@ -123,46 +178,68 @@ def local_node(workdir: Path, size: int) -> Node:
     )
 
 
+def replicated_pair(
+    workdir: Path, pki: Pki, size: int, checkpoint_interval: float = 1.0, **protected: Any
+) -> tuple[Node, Node]:
+    """A recovery appliance and a protected appliance with volume `vol0` of ``size`` bytes;
+    ``protected``: settings of the protected VPG (e.g. `compression`)."""
+    port = free_port()
+    recovery = recovery_node(
+        workdir, pki, port, VPG, ["prot-a"], hardLimit="64Gi", segmentBytes=SEGMENT_BYTES,
+        checkpointIntervalSeconds=checkpoint_interval,
+    )  # fmt: skip
+    return recovery, protected_node(workdir, pki, "prot-a", port, VPG, {"vol0": size}, **protected)
+
+
 # -- 1. throughput -------------------------------------------------------------------------------
+
+Load = Callable[[str], float]
+"""A workload: writes to an NBD URI, returns the seconds it took."""
 
 
 async def throughput(workdir: Path, pki: Pki, size: int, scale: float) -> list[list[str]]:
-    loads = [
-        ("1M seq write qd16", MiB, int(1200 * scale), MiB),
-        ("4k scattered write qd16", 4096, int(40_000 * scale), 4096 * 100_003),
-    ]
+    copied = int(1024 * scale) * MiB
+    source = await asyncio.to_thread(make_source, workdir / "random.src", "incompressible", copied)
+    seq, scattered = int(1200 * scale), int(40_000 * scale)
+    loads: list[tuple[str, str, float, Load]] = [
+        ("1M seq write qd16, zero-filled (qemu-img bench)", "MB/s", seq * MiB / 1e6,
+         lambda uri: qemu_img_bench(uri, MiB, seq, MiB)),
+        ("4k scattered write qd16, zero-filled (qemu-img bench)", "IOPS", scattered,
+         lambda uri: qemu_img_bench(uri, 4096, scattered, 4096 * 100_003)),
+        ("1M seq write qd16, random bytes (nbdcopy)", "MB/s", copied / 1e6,
+         lambda uri: nbdcopy(source, uri)),
+    ]  # fmt: skip
     rows: list[list[str]] = []
-    for name, req, count, step in loads:
+    for name, unit, amount, load in loads:
         base_dir = Path(tempfile.mkdtemp(dir=workdir))
         local = local_node(base_dir, size)
         with started(local):
             await asyncio.sleep(1.0)
-            single = await asyncio.to_thread(qemu_img_bench, local.uri("vol0"), req, count, step)
+            single = await asyncio.to_thread(load, local.uri("vol0"))
         shutil.rmtree(base_dir, ignore_errors=True)
 
         rep_dir = Path(tempfile.mkdtemp(dir=workdir))
-        port = free_port()
-        recovery = recovery_node(rep_dir, pki, port, VPG, ["prot-a"], hardLimit="64Gi")
-        prot = protected_node(rep_dir, pki, "prot-a", port, VPG, {"vol0": size})
+        recovery, prot = replicated_pair(rep_dir, pki, size)
         with started(recovery, prot):
             await synced(prot)
-            replicated = await asyncio.to_thread(qemu_img_bench, prot.uri("vol0"), req, count, step)
+            replicated = await asyncio.to_thread(load, prot.uri("vol0"))
             drain = await drained(prot)
             status = await prot.protected_status(VPG)
         shutil.rmtree(rep_dir, ignore_errors=True)
-        unit, scale_of = ("MB/s", req * count / 1e6) if req >= MiB else ("IOPS", count)
         rows.append(
             [
                 name,
                 unit,
-                f"{scale_of / single:.0f}",
-                f"{scale_of / replicated:.0f}",
+                f"{amount / single:.0f}",
+                f"{amount / replicated:.0f}",
                 f"{single / replicated:.2f}",
                 f"{single / (replicated + drain):.2f}",
                 f"{drain:.2f}",
                 f"{status.stream.wire_ratio:.2f}",
+                f"{status.buffer.spills}",
             ]
         )
+    source.unlink()
     return rows
 
 
@@ -227,9 +304,7 @@ async def rpo(
     rows: list[list[str]] = []
     for rate in rates:
         rep_dir = Path(tempfile.mkdtemp(dir=workdir))
-        port = free_port()
-        recovery = recovery_node(rep_dir, pki, port, VPG, ["prot-a"], hardLimit="64Gi")
-        prot = protected_node(rep_dir, pki, "prot-a", port, VPG, {"vol0": size})
+        recovery, prot = replicated_pair(rep_dir, pki, size, checkpoint_interval=0.5)
         with started(recovery, prot):
             await synced(prot)
             stop = asyncio.Event()
@@ -270,8 +345,9 @@ async def holds(workdir: Path, pki: Pki, size: int, seconds: float) -> list[list
     rep_dir = Path(tempfile.mkdtemp(dir=workdir))
     port = free_port()
     recovery = recovery_node(
-        rep_dir, pki, port, VPG, ["prot-a", "prot-b"], checkpointIntervalSeconds=0.2
-    )
+        rep_dir, pki, port, VPG, ["prot-a", "prot-b"], checkpointIntervalSeconds=0.2,
+        hardLimit="64Gi", segmentBytes=SEGMENT_BYTES,
+    )  # fmt: skip
     a = protected_node(rep_dir, pki, "prot-a", port, VPG, {"vol0": size})
     b = protected_node(rep_dir, pki, "prot-b", port, VPG, {"vol1": size})
     with started(recovery, a, b):
@@ -299,6 +375,50 @@ async def holds(workdir: Path, pki: Pki, size: int, seconds: float) -> list[list
     return rows
 
 
+# -- 4. compression -------------------------------------------------------------------------------
+
+
+async def compression(workdir: Path, pki: Pki, size: int, scale: float) -> list[list[str]]:
+    total = int(512 * scale) * MiB
+    rows: list[list[str]] = []
+    for kind in ("compressible", "incompressible"):
+        source = await asyncio.to_thread(make_source, workdir / f"{kind}.src", kind, total)
+        for mode in COMPRESSIONS:
+            rep_dir = Path(tempfile.mkdtemp(dir=workdir))
+            # A buffer that holds the whole copy: every write is streamed (none spills into
+            # bitmap sync, which would ship regions instead), so the modes compare per byte.
+            recovery, prot = replicated_pair(
+                rep_dir, pki, size, compression=mode, bufferBytes=f"{2 * total}"
+            )
+            with started(recovery, prot):
+                await synced(prot)
+                before = (await prot.protected_status(VPG)).stream
+                cpu0 = cpu_seconds(prot.pid), cpu_seconds(recovery.pid)
+                t0 = time.perf_counter()
+                await asyncio.to_thread(nbdcopy, source, prot.uri("vol0"))
+                await drained(prot, period=0.1)
+                elapsed = time.perf_counter() - t0
+                cpu = cpu_seconds(prot.pid) - cpu0[0], cpu_seconds(recovery.pid) - cpu0[1]
+                status = await prot.protected_status(VPG)
+            shutil.rmtree(rep_dir, ignore_errors=True)
+            written, after = source.stat().st_size, status.stream
+            if status.buffer.spills or after.appended_bytes - before.appended_bytes != written:
+                raise RuntimeError(f"{kind}/{mode}: not every write went through the buffer")
+            wire = after.wire_bytes_sent - before.wire_bytes_sent
+            rows.append(
+                [
+                    kind,
+                    mode,
+                    f"{written / elapsed / 1e6:.0f}",
+                    f"{wire / written:.3f}",
+                    f"{cpu[0] / (written / 1e9):.2f}",
+                    f"{cpu[1] / (written / 1e9):.2f}",
+                ]
+            )
+        source.unlink()
+    return rows
+
+
 def table(title: str, header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     print(f"\n{title}")
@@ -318,7 +438,7 @@ async def run(args: argparse.Namespace) -> None:
             table(
                 "Throughput: single appliance vs replicated (protected -> recovery, mutual TLS)",
                 ["workload", "unit", "single", "replicated", "ratio", "ratio+drain",
-                 "drain s", "wire/body"],
+                 "drain s", "wire/body", "spills"],
                 rows,
             )  # fmt: skip
         if "rpo" in args.only:
@@ -336,6 +456,14 @@ async def run(args: argparse.Namespace) -> None:
                 ["what", "count", "p50 ms", "p99 ms", "max ms"],
                 rows,
             )
+        if "compression" in args.only:
+            rows = await compression(workdir, pki, size, args.scale)
+            table(
+                f"Compression: nbdcopy of {int(512 * args.scale)} MiB per row, until durable on the"
+                " recovery side; CPU seconds per GB written",
+                ["workload", "compression", "MB/s", "wire/written", "sender CPU", "receiver CPU"],
+                rows,
+            )  # fmt: skip
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(pki_dir, ignore_errors=True)
@@ -346,15 +474,15 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2, help="GiB of each sparse volume (2)")
     parser.add_argument("--dir", default="/tmp", help="file system for volumes and journals")
     parser.add_argument("--scale", type=float, default=1.0, help="scale request counts")
-    parser.add_argument("--seconds", type=float, default=10.0, help="seconds of paced load (10)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="seconds of paced load (20)")
     parser.add_argument(
         "--rates", type=float, nargs="+", default=[50.0, 200.0], help="MB/s (50 200)"
     )
     parser.add_argument(
         "--only",
         nargs="+",
-        default=["throughput", "rpo", "holds"],
-        choices=["throughput", "rpo", "holds"],
+        default=["throughput", "rpo", "holds", "compression"],
+        choices=["throughput", "rpo", "holds", "compression"],
     )
     asyncio.run(run(parser.parse_args()))
 
