@@ -3,6 +3,7 @@ certificates for the admin and the controllers, and the service-account signing 
 
 Everything is generated with `cryptography` into the cluster's state directory on first start and
 reused afterwards. Keys are ECDSA P-256 (fast to make, accepted everywhere in Kubernetes).
+:func:`issue` makes every certificate here, and those of the test suites' PKI (tests/pki.py).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import ipaddress
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -40,7 +42,8 @@ def _key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> None:
+def write_key(path: Path, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> None:
+    """``key`` as unencrypted PKCS#8 PEM, readable by its owner only."""
     path.write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -51,25 +54,80 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) 
     path.chmod(0o600)
 
 
-def _name(cn: str, orgs: tuple[str, ...] = ()) -> x509.Name:
+def write_cert(path: Path, cert: x509.Certificate) -> None:
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def name(cn: str, orgs: tuple[str, ...] = ()) -> x509.Name:
+    """A subject: common name ``cn`` and organisations ``orgs`` (Kubernetes reads them as the
+    user name and its groups)."""
     attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in orgs]
     attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
     return x509.Name(attrs)
 
 
-def _builder(
-    subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey
-) -> x509.CertificateBuilder:
+Issuer = tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
+"""A CA: its certificate and key."""
+
+
+def issue(
+    subject: x509.Name,
+    issuer: Issuer | None = None,
+    *,
+    sans: Sequence[str] = (),
+    usages: Sequence[x509.ObjectIdentifier] = (),
+    validity: datetime.timedelta = _VALIDITY,
+) -> Issuer:
+    """A new key and its certificate: a self-signed CA without ``issuer``, else a leaf signed by
+    it, with the subjectAltNames ``sans`` (IP addresses or DNS names) and the extended key
+    ``usages``. Valid from five minutes ago (clock skew) for ``validity``."""
+    key = _key()
     now = datetime.datetime.now(datetime.UTC)
-    return (
+    signer = key if issuer is None else issuer[1]
+    builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(public_key)
+        .issuer_name(subject if issuer is None else issuer[0].subject)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + _VALIDITY)
+        .not_valid_after(now + validity)
+        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()),
+            critical=False,
+        )
     )
+    if issuer is None:
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    if sans:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([_general_name(n) for n in sans]), critical=False
+        )
+    if usages:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
+    return builder.sign(signer, hashes.SHA256()), key
+
+
+def _general_name(value: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(value))
+    except ValueError:
+        return x509.DNSName(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,66 +179,26 @@ def ensure_pki(directory: Path) -> Pki:
     if pki.exists():
         return pki
     directory.mkdir(parents=True, exist_ok=True)
-    ca_key = _key()
-    ca_name = _name("secondsite-devcluster-ca")
-    ca_cert = (
-        _builder(ca_name, ca_name, ca_key.public_key())
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    _write_key(pki.ca_key, ca_key)
-    pki.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-
-    serving_key = _key()
-    sans: list[x509.GeneralName] = [
-        x509.DNSName(n)
-        for n in (
-            "localhost",
-            "kubernetes",
-            "kubernetes.default",
-            "kubernetes.default.svc",
-            "kubernetes.default.svc.cluster.local",
-        )
-    ]
-    sans.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
-    serving = (
-        _builder(_name("kube-apiserver"), ca_name, serving_key.public_key())
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    _write_key(pki.serving_key, serving_key)
-    pki.serving_cert.write_bytes(serving.public_bytes(serialization.Encoding.PEM))
-
+    ca = issue(name("secondsite-devcluster-ca"))
+    _write(pki.ca_cert, pki.ca_key, ca)
+    sans = ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"]
+    sans += ["kubernetes.default.svc.cluster.local", "127.0.0.1"]
+    serving = issue(name("kube-apiserver"), ca, sans=sans, usages=[ExtendedKeyUsageOID.SERVER_AUTH])
+    _write(pki.serving_cert, pki.serving_key, serving)
     for who in CLIENTS:
-        key = _key()
-        cert = (
-            _builder(_name(who.user, who.groups), ca_name, key.public_key())
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256())
-        )
-        _write_key(pki.client_key(who), key)
-        pki.client_cert(who).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        client = issue(name(who.user, who.groups), ca, usages=[ExtendedKeyUsageOID.CLIENT_AUTH])
+        _write(pki.client_cert(who), pki.client_key(who), client)
 
     sa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    _write_key(pki.sa_key, sa)
+    write_key(pki.sa_key, sa)
     pki.sa_pub.write_bytes(
         sa.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     )
     return pki
+
+
+def _write(cert_path: Path, key_path: Path, pair: Issuer) -> None:
+    write_cert(cert_path, pair[0])
+    write_key(key_path, pair[1])

@@ -224,7 +224,7 @@ def _tls(directory: Path) -> tuple[Any, Any]:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e" / "stream"))
     from stream_certs import make_pki
 
-    pki = make_pki(directory)
+    pki = make_pki(directory, sender="node")  # the Pair's source
     r, s = pki.receiver, pki.sender
     return server_context(r.cert, r.key, r.ca), client_context(s.cert, s.key, s.ca)
 

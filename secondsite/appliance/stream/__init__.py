@@ -25,7 +25,7 @@ Exceptions::
 from .buffer import BufferFull, DirtyMap, ProtectedBuffer, SpillStats
 from .frames import NO_VOLUME, ErrorCode, FrameDecoder, Op, ProtocolError, Record, VolumeEntry
 from .ratelimit import BandwidthLimiter, Flow, Priority
-from .receiver import Authorizer, CheckpointError, ReceiverSettings, SessionStats, StreamReceiver
+from .receiver import CheckpointError, ReceiverSettings, SessionStats, StreamReceiver
 from .sender import (
     Connector,
     RemoteError,
@@ -39,7 +39,6 @@ from .tls import client_context, server_context
 
 __all__ = [
     "NO_VOLUME",
-    "Authorizer",
     "BandwidthLimiter",
     "BufferFull",
     "CheckpointError",

@@ -2,8 +2,8 @@
 
 One connection per (VPG, protected appliance). With a TLS context, each connection completes a
 mutual-TLS handshake first (a refusal is logged with the peer's address and counted in
-``rejected``); an optional ``authorize`` callable may then refuse a HELLO whose source does not
-match the peer's certificate. Per connection:
+``rejected``), and its HELLO is refused unless the peer's certificate names the source the HELLO
+claims (:func:`.tls.identity_refusal`). Per connection:
 
 1. HELLO names the vpg, the source and its volume table. An unknown vpg, or a sink that refuses
    the source, gets an ERROR and the connection is closed. A newer connection of the same vpg and
@@ -69,9 +69,9 @@ from .frames import (
     encode,
 )
 from .sink import SinkRefused, StreamSink
+from .tls import identity_refusal
 
 __all__ = [
-    "Authorizer",
     "CheckpointError",
     "ReceiverSettings",
     "SessionStats",
@@ -81,7 +81,6 @@ __all__ = [
 log = logging.getLogger("secondsite.appliance.stream")
 
 SinkLookup = Callable[[str], StreamSink | None]
-Authorizer = Callable[[Hello, dict[str, Any] | None], str | None]
 
 
 class CheckpointError(Exception):
@@ -516,13 +515,8 @@ class StreamReceiver:
         settings: ReceiverSettings | None = None,
         *,
         ssl_context: ssl.SSLContext | None = None,
-        authorize: Authorizer | None = None,
     ) -> None:
-        """``authorize(hello, peer_certificate)`` (the certificate as ``ssl`` decodes it, None
-        over plain TCP) may refuse a source by returning a reason, e.g. when the certificate does
-        not name the appliance the HELLO claims to be; None lets it in."""
         self.sinks = sinks
-        self.authorize = authorize
         self.settings = settings or ReceiverSettings()
         self.ssl_context = ssl_context
         self._listeners: list[tuple[socket.socket, asyncio.Task[None]]] = []
@@ -636,10 +630,10 @@ class StreamReceiver:
         key = (hello.vpg, hello.source)
         lock = self._handshakes.setdefault(key, asyncio.Lock())
         async with lock:
-            if self.authorize is not None:
-                refusal = self.authorize(hello, session.writer.get_extra_info("peercert"))
+            if self.ssl_context is not None:  # plain TCP has no certificate to check
+                refusal = identity_refusal(hello.source, session.writer.get_extra_info("peercert"))
                 if refusal is not None:
-                    raise _Closed(f"not authorized: {refusal}", ErrorCode.REFUSED, warn=True)
+                    raise _Closed(f"sender identity: {refusal}", ErrorCode.REFUSED, warn=True)
             sink = self.sinks(hello.vpg)
             if sink is None:
                 raise _Closed(f"unknown vpg {hello.vpg!r}", ErrorCode.UNKNOWN_VPG, warn=True)

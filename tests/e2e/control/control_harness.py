@@ -2,33 +2,30 @@
 
 The appliance is a real `python -m secondsite appliance` process started with listen addresses
 only (an empty config), so every test configures it through the API with the typed client. TLS
-material comes from a throwaway CA made with `cryptography`; a second, unrelated CA signs the
-"rogue" client certificate.
+material comes from a throwaway CA of the tests' PKI (tests/pki.py); a second, unrelated CA signs
+the "rogue" client certificate.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
+import contextlib
 import signal
 import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from secondsite.appliance.config import ApplianceConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from pki import CLIENT, SERVER, Pki
 
 TOKEN = "e2e-token-5f1d7c0b9a"
 MiB = 1 << 20
@@ -38,102 +35,15 @@ _T = TypeVar("_T")
 # -- PKI -----------------------------------------------------------------------------------------
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _write(path: Path, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
-    path.with_suffix(".key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-
-def _cert(
-    cn: str,
-    issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
-    *,
-    ca: bool = False,
-    usage: x509.ObjectIdentifier | None = None,
-    sans: list[x509.GeneralName] | None = None,
-) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    issuer_name, issuer_key = issuer if issuer is not None else (_name(cn), key)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if ca:
-        builder = builder.add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-    if usage is not None:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    return key, builder.sign(issuer_key, hashes.SHA256())
-
-
-@dataclass(frozen=True)
-class Pki:
-    dir: Path
-
-    def crt(self, stem: str) -> Path:
-        return self.dir / f"{stem}.crt"
-
-    def key(self, stem: str) -> Path:
-        return self.dir / f"{stem}.key"
-
-    def pair(self, stem: str) -> tuple[Path, Path]:
-        return self.crt(stem), self.key(stem)
-
-
 def make_pki(directory: Path) -> Pki:
     """`ca`, `server` (127.0.0.1, localhost), `client` (signed by ca), `rogue` (another CA)."""
-    ca_key, ca = _cert("secondsite-test-ca", None, ca=True)
-    _write(directory / "ca", ca_key, ca)
-    issuer = (ca.subject, ca_key)
-    sans: list[x509.GeneralName] = [
-        x509.DNSName("localhost"),
-        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-    ]
-    _write(
-        directory / "server",
-        *_cert("appliance", issuer, usage=ExtendedKeyUsageOID.SERVER_AUTH, sans=sans),
-    )
-    _write(directory / "client", *_cert("operator", issuer, usage=ExtendedKeyUsageOID.CLIENT_AUTH))
-    rogue_ca_key, rogue_ca = _cert("rogue-ca", None, ca=True)
-    _write(
-        directory / "rogue",
-        *_cert(
-            "operator",
-            (rogue_ca.subject, rogue_ca_key),
-            usage=ExtendedKeyUsageOID.CLIENT_AUTH,
-        ),
-    )
-    return Pki(directory)
+    pki = Pki(directory)
+    pki.ca("ca")
+    pki.cert("server", "ca", cn="appliance", usages=SERVER)
+    pki.cert("client", "ca", cn="operator", sans=(), usages=CLIENT)
+    pki.ca("rogue-ca")
+    pki.cert("rogue", "rogue-ca", cn="operator", sans=(), usages=CLIENT)
+    return pki
 
 
 # -- the appliance process -----------------------------------------------------------------------
@@ -313,3 +223,27 @@ class HeldConnection:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.communicate(timeout=10)
+
+
+async def exchange(
+    host: str, port: int, payload: bytes, ctx: ssl.SSLContext | None, read: int = 64 * 1024
+) -> bytes:
+    """Send ``payload`` on a new connection and read one answer of up to ``read`` bytes: b"" if
+    the peer closes, resets or refuses the TLS handshake."""
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=ctx, server_hostname=host if ctx else None),
+            10,
+        )
+    except (ConnectionError, ssl.SSLError):
+        return b""
+    try:
+        writer.write(payload)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(read), 10)
+    except (ConnectionError, ssl.SSLError):
+        return b""
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await writer.wait_closed()

@@ -6,13 +6,10 @@ keeps serving everyone else.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import ssl
 
 import pytest
-from control_harness import TOKEN, ApplianceProcess, Pki, raw_request, tls_context
+from control_harness import TOKEN, ApplianceProcess, Pki, exchange, raw_request, tls_context
 
 from secondsite.appliance.control import ControlClient, TransportError, UnauthorizedError
 from secondsite.appliance.control.models import ErrorBody
@@ -106,23 +103,6 @@ async def test_mutual_tls(mtls_appliance: ApplianceProcess, pki: Pki) -> None:
     assert mtls_appliance.alive()
 
 
-async def exchange(url: str, payload: bytes, ctx: ssl.SSLContext | None, read: int = 4096) -> bytes:
-    host, port = host_port(url)
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(host, port, ssl=ctx, server_hostname=host if ctx else None), 10
-    )
-    try:
-        writer.write(payload)
-        await writer.drain()
-        return await asyncio.wait_for(reader.read(read), 10)
-    except (ConnectionError, ssl.SSLError):
-        return b""
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError, ssl.SSLError):
-            await writer.wait_closed()
-
-
 async def test_garbage_gets_400_and_the_server_survives(
     appliance: ApplianceProcess, client: ControlClient, pki: Pki
 ) -> None:
@@ -133,12 +113,12 @@ async def test_garbage_gets_400_and_the_server_survives(
         b"GET / HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
         b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n",
     ):
-        answer = await exchange(appliance.url, garbage, ctx)
+        answer = await exchange(*host_port(appliance.url), garbage, ctx)
         assert answer.startswith(b"HTTP/1.1 400") or answer.startswith(b"HTTP/1.0 400"), answer
     # Not even TLS: the handshake fails, the connection is dropped.
-    assert not (await exchange(appliance.url, b"GET /healthz HTTP/1.1\r\n\r\n", None)).startswith(
-        b"HTTP/1.1 200"
-    )
+    assert not (
+        await exchange(*host_port(appliance.url), b"GET /healthz HTTP/1.1\r\n\r\n", None)
+    ).startswith(b"HTTP/1.1 200")
     assert await client.healthz()
     assert (await client.status()).vpgs == {}
     assert appliance.alive()

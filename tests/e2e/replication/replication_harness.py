@@ -1,5 +1,6 @@
-"""What the replication e2e tests share: a test PKI for the appliances' mutual TLS, appliance
-processes in the protected and recovery roles, a write workload over NBD, and convergence checks.
+"""What the replication e2e tests share: a test PKI for the appliances' mutual TLS (on
+tests/pki.py), appliance processes in the protected and recovery roles, a write workload over NBD,
+and convergence checks.
 
 Appliances are real `python -m secondsite appliance` processes (`appliance_harness.ApplianceProcess`
 of the single-appliance e2e tests), on loopback, with the control API over plain HTTP and a token.
@@ -10,8 +11,6 @@ after a restart.
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import os
 import random
 import socket
@@ -23,13 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "appliance"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from appliance_harness import ApplianceProcess, NBDClient, requires_peers
+from pki import CertFiles
+from pki import Pki as BasePki
 
 from secondsite.appliance.config import ApplianceConfig
 from secondsite.appliance.control import ControlClient
@@ -37,6 +34,7 @@ from secondsite.appliance.control.models import ProtectedVpgStatus, VpgStatus
 
 __all__ = [
     "TOKEN",
+    "KiB",
     "MiB",
     "Node",
     "Pki",
@@ -61,105 +59,27 @@ TOKEN = "replication-e2e-token"
 # -- PKI -----------------------------------------------------------------------------------------
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def _ca(cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(_name(cn))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
-
-
-def _appliance_cert(
-    cn: str, ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """An appliance's certificate: it serves the stream and connects to peers with it."""
-    ca_cert, ca_key = ca
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    return cert, key
-
-
-@dataclass(frozen=True)
-class Pki:
-    dir: Path
-
+class Pki(BasePki):
     def tls(self, name: str) -> dict[str, str]:
-        """The `streamTls` section of appliance ``name`` (signed by the site CA, or by another CA
-        for `intruder`)."""
+        """The `streamTls` section of appliance ``name`` (its certificate names it; `intruder`'s
+        is signed by another CA)."""
+        files = self.cert_files(name)
+        return {"certFile": str(files.cert), "keyFile": str(files.key), "caFile": str(files.ca)}
+
+    def cert_files(self, name: str) -> CertFiles:
         ca = "other-ca" if name == "intruder" else "site-ca"
-        return {
-            "certFile": str(self.dir / f"{name}.crt"),
-            "keyFile": str(self.dir / f"{name}.key"),
-            "caFile": str(self.dir / f"{ca}.crt"),
-        }
+        return CertFiles(self.crt(name), self.key(name), self.crt(ca))
 
 
 def make_pki(directory: Path, names: Sequence[str] = ("recovery", "prot-a", "prot-b")) -> Pki:
     """A site CA and a certificate per appliance name; `intruder` gets one from another CA."""
-    site, other = _ca("site-ca"), _ca("other-ca")
-    for cn, ca in [*((n, site) for n in names), ("intruder", other)]:
-        cert, key = _appliance_cert(cn, ca)
-        (directory / f"{cn}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        (directory / f"{cn}.key").write_bytes(_key_pem(key))
-    for cn, (cert, _) in (("site-ca", site), ("other-ca", other)):
-        (directory / f"{cn}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return Pki(directory)
+    made = Pki(directory)
+    made.ca("site-ca")
+    made.ca("other-ca")
+    for name in names:
+        made.cert(name, "site-ca")
+    made.cert("intruder", "other-ca")
+    return made
 
 
 # -- appliances ----------------------------------------------------------------------------------
@@ -226,15 +146,30 @@ def journal_spec(directory: Path, vpg: str, sources: Sequence[str], **kw: Any) -
     }
 
 
+def stream_security(pki: Pki | None, name: str) -> dict[str, Any]:
+    """Mutual TLS with appliance ``name``'s certificate; plain TCP without a ``pki``."""
+    return {"streamPlainTcp": True} if pki is None else {"streamTls": pki.tls(name)}
+
+
 def recovery_node(
-    workdir: Path, pki: Pki, port: int, vpg: str, sources: Sequence[str], **journal: Any
+    workdir: Path,
+    pki: Pki | None,
+    port: int,
+    vpg: str,
+    sources: Sequence[str],
+    *,
+    host: str = "127.0.0.1",
+    listen: dict[str, Any] | None = None,
+    **journal: Any,
 ) -> Node:
+    """The recovery appliance of ``vpg``, its stream on ``host``:``port`` (plain TCP without a
+    ``pki``); ``listen``: more listen settings, ``journal``: more settings of the journal."""
     return Node(
         workdir,
         "recovery",
         {
-            "listen": {"stream": f"127.0.0.1:{port}"},
-            "streamTls": pki.tls("recovery"),
+            "listen": {"stream": f"{host}:{port}", **(listen or {})},
+            **stream_security(pki, "recovery"),
             "journals": [journal_spec(workdir / "recovery" / "journal", vpg, sources, **journal)],
         },
     )
@@ -242,7 +177,7 @@ def recovery_node(
 
 def protected_node(
     workdir: Path,
-    pki: Pki,
+    pki: Pki | None,
     name: str,
     port: int,
     vpg: str,
@@ -253,7 +188,8 @@ def protected_node(
     appliance: dict[str, Any] | None = None,
     **protected: Any,
 ) -> Node:
-    """A protected appliance with in-path volumes (sparse backing files of the given sizes);
+    """A protected appliance with in-path volumes (sparse backing files of the given sizes),
+    replicating with mutual TLS (with ``tls_name``'s certificate) or plain TCP (no ``pki``);
     ``appliance``: more top-level settings (e.g. `bandwidthLimit`), ``protected``: more
     settings of the protected VPG."""
     specs = []
@@ -266,7 +202,7 @@ def protected_node(
         workdir,
         name,
         {
-            "streamTls": pki.tls(tls_name or name),
+            **stream_security(pki, tls_name or name),
             "protected": [
                 {
                     "vpg": vpg,

@@ -176,8 +176,6 @@ class _Pipe:
     client: asyncio.StreamWriter
     upstream: asyncio.StreamWriter
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    forwarded: int = 0
-    """Sender -> receiver bytes forwarded on this connection."""
     cut: bool = False
     """Traffic is discarded and the receiver's side is never closed (a silent network cut)."""
 
@@ -190,13 +188,15 @@ class _Pipe:
 class FaultProxy:
     """Forwards 127.0.0.1 connections to ``upstream``; can delay every chunk, stall (hold all
     traffic), drop every connection (reset), cut them silently (:meth:`cut`), refuse new ones,
-    and flip one byte of the sender's stream once ``flip_after`` bytes of a connection have
-    passed."""
+    and flip one byte of the sender's stream: the one at offset ``flip_after`` of all it has
+    forwarded (``forwarded``, over every connection so far)."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
         self.upstream = upstream
         self.delay = 0.0
         self.flip_after: int | None = None
+        self.forwarded = 0
+        """Sender -> receiver bytes forwarded, all connections together."""
         self.flipped = 0
         self.connections = 0
         self.refuse = False
@@ -280,13 +280,13 @@ class FaultProxy:
                     await asyncio.sleep(self.delay)
                 if outbound:
                     at = self.flip_after
-                    if at is not None and pipe.forwarded <= at < pipe.forwarded + len(data):
+                    if at is not None and self.forwarded <= at < self.forwarded + len(data):
                         buf = bytearray(data)
-                        buf[at - pipe.forwarded] ^= 0x5A
+                        buf[at - self.forwarded] ^= 0x5A
                         data = bytes(buf)
                         self.flip_after = None
                         self.flipped += 1
-                    pipe.forwarded += len(data)
+                    self.forwarded += len(data)
                 writer.write(data)
                 await writer.drain()
 

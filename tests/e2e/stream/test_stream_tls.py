@@ -7,7 +7,6 @@ import asyncio
 import logging
 import random
 import ssl
-from typing import Any
 
 import pytest
 from stream_certs import Pki
@@ -149,25 +148,35 @@ async def test_silent_peer_is_dropped_after_the_handshake_timeout(rig: Rig) -> N
     assert rx.rejected == 1
 
 
-def _cn_must_match(hello: f.Hello, cert: dict[str, Any] | None) -> str | None:
-    names = [v for rdn in (cert or {}).get("subject", ()) for k, v in rdn if k == "commonName"]
-    return None if hello.source in names else f"certificate names {names}, not {hello.source}"
-
-
-async def test_a_source_must_be_the_appliance_its_certificate_names(rig: Rig, pki: Pki) -> None:
+async def test_a_source_must_be_the_appliance_its_certificate_names(
+    rig: Rig, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sender with a valid certificate of the site that claims another appliance's name in its
+    HELLO is refused (REFUSED, and a warning naming both); the honest one is served."""
     sink = MemorySink()
-    r, s = pki.receiver, pki.sender
-    _, port = await rig.receiver(
-        {"vpg-a": sink},
-        ssl_context=server_context(r.cert, r.key, r.ca),
-        authorize=_cn_must_match,
-    )
+    port, rx = await _tls_receiver(rig, pki, sink)
+    s = pki.sender  # names node-1
     ctx = client_context(s.cert, s.key, s.ca)
-    honest = rig.source("protected-appliance", tcp_connector("127.0.0.1", port, ssl_context=ctx))
+    honest = rig.source("node-1", tcp_connector("127.0.0.1", port, ssl_context=ctx))
     liar = rig.source("node-9", tcp_connector("127.0.0.1", port, ssl_context=ctx), settings=FAST)
     honest.write(0, 0, b"x" * 512)
     liar.write(0, 0, b"y" * 512)
     await honest.flushed()
-    await asyncio.sleep(0.2)
-    assert "REFUSED" in liar.sender.metrics().last_error and liar.sender.metrics().sessions == 0
-    assert set(sink.state.applied) == {"protected-appliance"}
+    await asyncio.sleep(0.3)
+    m = liar.sender.metrics()
+    assert m.sessions == 0 and m.durable_seq == 0
+    assert "REFUSED" in m.last_error and "not source 'node-9'" in m.last_error, m.last_error
+    assert set(sink.state.applied) == {"node-1"}
+    assert rx.rejected >= 1
+    assert "source=node-9" in caplog.text
+    assert "names ['localhost', 'node-1'], not source 'node-9'" in caplog.text
+
+
+async def test_plain_tcp_takes_any_source_name(rig: Rig) -> None:
+    """Without TLS there is no certificate to check a source against: plain TCP is unchanged."""
+    sink = MemorySink()
+    _, port = await rig.receiver({"vpg-a": sink})
+    src = rig.source("any-name", tcp_connector("127.0.0.1", port), settings=FAST)
+    src.write(0, 0, b"z" * 512)
+    await src.flushed()
+    assert set(sink.state.applied) == {"any-name"}
