@@ -128,6 +128,10 @@ class SenderSettings:
     min_compression_gain: float = 0.1
     """A compressed body is sent only if at least this fraction smaller than the raw one."""
     compression_probe_interval: int = 16
+    compress_min_bytes: int = 4096
+    """Smaller DATA bodies go uncompressed and count for nothing in adaptive compression: a
+    checkpoint mark or a few ZERO records alone never save ``min_compression_gain``, and must not
+    turn compression off for the writes that follow."""
     compress_in_thread_bytes: int = 128 * 1024
     """Bodies at least this large are compressed in a worker thread (zstd releases the GIL)."""
     heartbeat_interval: float = 1.0
@@ -537,17 +541,18 @@ class StreamSender:
         body = data_body(records)
         self._c["body_bytes_sent"] += len(body)
         compressed: bytes | None = None
-        if self._zstd is not None and self._skip_compression == 0:
-            if len(body) >= s.compress_in_thread_bytes:
-                candidate = await asyncio.to_thread(self._compress, body)
+        if self._zstd is not None and len(body) >= s.compress_min_bytes:
+            if self._skip_compression:
+                self._skip_compression -= 1
             else:
-                candidate = self._compress(body)
-            if len(candidate) <= len(body) * (1.0 - s.min_compression_gain):
-                compressed = candidate
-            elif s.adaptive_compression:
-                self._skip_compression = s.compression_probe_interval
-        elif self._skip_compression:
-            self._skip_compression -= 1
+                if len(body) >= s.compress_in_thread_bytes:
+                    candidate = await asyncio.to_thread(self._compress, body)
+                else:
+                    candidate = self._compress(body)
+                if len(candidate) <= len(body) * (1.0 - s.min_compression_gain):
+                    compressed = candidate
+                elif s.adaptive_compression:
+                    self._skip_compression = s.compression_probe_interval
         self._c["batches_compressed" if compressed is not None else "batches_uncompressed"] += 1
         return encode_data(body, compressed)
 

@@ -304,6 +304,35 @@ async def test_compression_saves_wire_bytes_only_when_it_pays(rig: Rig, level: i
     assert sink.state.images["n"] == noise.images["n"]
 
 
+async def test_adaptive_compression_stays_on_across_checkpoints(rig: Rig) -> None:
+    """A checkpoint mark alone in its DATA frame cannot be compressed; that must not turn
+    adaptive compression off for the compressible writes that follow it."""
+    sink = MemorySink()
+    rx, port = await rig.receiver({"vpg-a": sink})
+    text = rig.source(
+        "text",
+        tcp_connector("127.0.0.1", port),
+        volumes={"t": 8 * MiB},
+        settings=SenderSettings(compression_level=3),  # adaptive, as the appliance's default
+    )
+    while rx.sources("vpg-a") != ["text"]:
+        await asyncio.sleep(0.01)
+    words = [os.urandom(6).hex() for _ in range(300)]
+    rng = random.Random(11)
+    for i in range(32):
+        for j in range(8):
+            line = " ".join(rng.choice(words) for _ in range(3000)).encode()[: 32 * KiB]
+            text.write(0, (i * 8 + j) * 32 * KiB, line)
+        await text.flushed()
+        marks = await asyncio.wait_for(rx.request_checkpoint("vpg-a"), 10)
+        assert marks["text"] == text.buffer.last_seq  # the mark went alone, after the writes
+    m = text.sender.metrics()
+    assert m.appended_bytes == 8 * MiB
+    assert m.wire_bytes_sent < 0.6 * m.appended_bytes
+    assert m.batches_compressed >= 32
+    assert sink.state.images["t"] == text.images["t"]
+
+
 async def test_default_numbering_and_a_receiver_that_lost_its_state(
     rig: Rig, caplog: pytest.LogCaptureFixture
 ) -> None:
