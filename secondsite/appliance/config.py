@@ -40,6 +40,7 @@ __all__ = [
     "CaptureMode",
     "Compression",
     "ControlTlsSpec",
+    "InitialSync",
     "JournalSpec",
     "ListenSpec",
     "Priority",
@@ -277,6 +278,16 @@ class Compression(enum.StrEnum):
     before trying again: cheap on incompressible data."""
 
 
+class InitialSync(enum.StrEnum):
+    """How a protected VPG's volumes that have not finished their initial sync are synced."""
+
+    FULL = "full"
+    """Ship every block of the source."""
+    DELTA = "delta"
+    """Ask the recovery appliance for block checksums of its replica state and ship only the
+    blocks that differ: for a replica that already holds most of the data (reverse protection)."""
+
+
 class ProtectedVpgSpec(_Model):
     """A VPG whose volumes this appliance captures and streams to a recovery appliance."""
 
@@ -294,6 +305,10 @@ class ProtectedVpgSpec(_Model):
     When it is full, in-path volumes fall back to bitmap sync and mirror targets to
     backpressure."""
     compression: Compression = Compression.ADAPTIVE
+    initial_sync: InitialSync = InitialSync.FULL
+    """For volumes that have not finished their initial sync: `full` ships every block, `delta`
+    asks the recovery appliance for block checksums of its replica state and ships only blocks
+    that differ."""
 
     @model_validator(mode="after")
     def _check(self) -> Self:

@@ -10,8 +10,8 @@ has not acknowledged durable (a few seconds at most while the link keeps up).
 
 State machine of a replicated volume (`vpg.SyncState`)::
 
-                 new volume             unclean stop (intent regions; full after a reboot),
-                     |                           recovery side lost records (full)
+                 new volume                     unclean stop, force sync,
+         (initialSync: full | delta)          new volume with initialSync delta
                      |                                        |
                      v                                        v
                InitialSync ----- every region shipped, ----> Protected <--- DeltaSync
@@ -23,14 +23,24 @@ State machine of a replicated volume (`vpg.SyncState`)::
                                                   (buffer full: in-path only)
 
 - *In-path volumes* are synced by one mechanism, a per-volume :class:`DirtyMap` shipped in the
-  background (:meth:`ProtectedVpg._ship_loop`): an initial or full resync marks the whole volume
-  dirty; an overflow of the buffer spills the buffer's unacknowledged records into the maps. While a
-  volume is not *streaming*, its new writes only mark regions dirty. The shipper claims a region
-  with the volume's :class:`~secondsite.appliance.capture.RegionGuard` (so that no concurrent write
-  races it), reads the backing store and appends a WRITE record (or a ZERO for a hole); the moment
-  a volume's map is found empty, the volume streams again, and once everything shipped is
-  acknowledged durable it is Protected. Shipping waits while the link is down or the buffer is
-  half full.
+  background (:meth:`ProtectedVpg._ship_loop`): a full initial sync (or a resync after the
+  recovery side lost records) marks the whole volume dirty; an overflow of the buffer spills the
+  buffer's unacknowledged records into the maps. While a volume is not *streaming*, its new writes
+  only mark regions dirty. The shipper claims a region with the volume's
+  :class:`~secondsite.appliance.capture.RegionGuard` (so that no concurrent write races it), reads
+  the backing store and appends a WRITE record (or a ZERO for a hole); the moment a volume's map
+  is found empty, the volume streams again, and once everything shipped is acknowledged durable it
+  is Protected. Shipping waits while the link is down or the buffer is half full.
+- *Delta sync* (:meth:`ProtectedVpg._delta_sync`) compares instead of copying: it asks the
+  recovery side for block digests (``DELTA_BLOCK`` bytes a block, ``SUM_SPAN`` bytes a request,
+  ``SUM_DEPTH`` requests in flight) of its newest state, reads the same span of the source under
+  the RegionGuard, and appends WRITE (or ZERO) records for the blocks that differ only. The volume
+  keeps streaming meanwhile: a write racing the comparison is in the stream after the request (so
+  the recovery side applies it after the state it hashed) and lands in the source either before
+  the read (a difference, shipped again: harmless) or after it (in the stream after the shipped
+  block); either way the replica ends equal to the source. It is used by force sync
+  (:meth:`ProtectedVpg.force_sync`), after an unclean stop, and for the initial sync of a VPG with
+  ``initialSync: delta`` (the replica already holds most of the data: reverse protection).
 - *Mirror targets* keep no copy of the source, so nothing can be re-read: a write that does not fit
   in the buffer waits for room (backpressure on the hypervisor, whose guest write is blocked
   meanwhile) for at most :data:`MIRROR_BACKPRESSURE_SECONDS`; then the write fails with EIO and the
@@ -39,12 +49,10 @@ State machine of a replicated volume (`vpg.SyncState`)::
 
 After an unclean stop: the :class:`IntentMap` of each in-path volume (a small file: one byte per
 MiB) holds every region whose changes the recovery side may not have durably; after a crash of the
-process in the same boot of the node, only those regions are resynced (DeltaSync). After a reboot
-of the node the map may be stale (it is not synced to disk on every change), and so is a volume
-whose map is missing: the volume gets a full resync, as when the recovery side lost records.
-A delta sync by block checksums (ask the recovery side for hashes of its latest view, ship only
-what differs) would make those cheap too, but needs a request/response in the stream protocol,
-which it does not have yet; holes are shipped as ZERO records, so sparse volumes stay cheap.
+process in the same boot of the node, only those regions are delta-synced. After a reboot of the
+node the map may be stale (it is not synced to disk on every change), and so is a volume whose map
+is missing: the whole volume is delta-synced. A delta sync keeps every region set in the intent
+map until it is done, so a crash in the middle starts it again.
 
 Checkpoints: the recovery appliance sends HOLD; :meth:`ProtectedVpg._on_hold` closes the VPG's
 :class:`AckGate` (new acknowledgements wait) and appends a CHECKPOINT_MARK after every record
@@ -56,6 +64,7 @@ record before the mark; none after it is acknowledged until the recovery side ha
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import errno
 import json
@@ -63,7 +72,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -74,6 +83,7 @@ from secondsite.appliance.capture import InPathExport, MirrorTargetExport
 from secondsite.appliance.config import (
     CaptureMode,
     Compression,
+    InitialSync,
     ProtectedVpgSpec,
     StreamTlsSpec,
     VolumeSpec,
@@ -87,10 +97,12 @@ from secondsite.appliance.stream import (
     ProtectedBuffer,
     SenderSettings,
     StreamSender,
+    SumsLost,
     VolumeEntry,
     client_context,
     tcp_connector,
 )
+from secondsite.appliance.stream.frames import DIGEST_SIZE, block_digests
 from secondsite.appliance.vpg import (
     CapturedVolumes,
     CaptureStateFile,
@@ -103,6 +115,7 @@ from secondsite.appliance.vpg import (
 )
 
 __all__ = [
+    "DELTA_BLOCK",
     "MIRROR_BACKPRESSURE_SECONDS",
     "AckGate",
     "ProtectedVpg",
@@ -130,6 +143,13 @@ _RATE_PERIOD: Final = 1.0
 INTENT_REGION: Final = 1 << 20
 """Bytes per byte of an in-path volume's intent map (:class:`IntentMap`)."""
 _SWEEP_PERIOD: Final = 1.0
+DELTA_BLOCK: Final = 4096
+"""Bytes per digest compared by delta sync: scattered small writes ship about what they wrote."""
+SUM_SPAN: Final = 8 << 20
+"""Bytes of a volume per checksum request (2048 digests, 32 KiB of answer)."""
+SUM_DEPTH: Final = 8
+"""Checksum requests in flight per volume, so that delta sync runs at disk speed, not at the
+round trip's."""
 
 
 def mark_payload(consistent: bool, state: str) -> bytes:
@@ -215,8 +235,8 @@ class IntentMap:
     of one byte per region (``INTENT_REGION``), set before a change to the region is written to
     the backing store, cleared once every record covering it is acknowledged durable and it is
     not dirty. After an unclean stop of the process in the same boot of the node (the file's
-    page cache survived), only these regions are resynced; after a reboot the file may be stale
-    and the volume is resynced in full.
+    page cache survived), only these regions are delta-synced; after a reboot the file may be
+    stale and the whole volume is.
 
     Setting a region costs a ``pwrite`` the first time it is written after a clear; clearing is
     done in sweeps (:meth:`sweep`).
@@ -279,17 +299,13 @@ class IntentMap:
             os.pwrite(self._fd, bytes(b - a), a)
         return int(idx.size)
 
-    def mark_found(self, dirty: DirtyMap) -> int:
-        """Mark the regions found at open dirty (and set again); returns their bytes."""
+    def found_regions(self, size: int) -> list[tuple[int, int]]:
+        """The regions set in the file when opened, as (offset, length) within ``size``."""
         assert self.found is not None
-        marked = 0
-        for i in np.flatnonzero(self.found).tolist():
-            offset = i * self.region
-            length = min(self.region, dirty.size - offset)
-            dirty.mark(offset, length)
-            self.note(offset, length)
-            marked += length
-        return marked
+        return [
+            (i * self.region, min(self.region, size - i * self.region))
+            for i in np.flatnonzero(self.found).tolist()
+        ]
 
     @property
     def set_regions(self) -> int:
@@ -316,6 +332,13 @@ class _Replicated:
     """Times the buffer overflowed while this volume streamed (a sync ends only without one)."""
     syncing_since: float | None = None
     """Wall-clock time the current sync started (it bounds the RPO while the volume syncs)."""
+    unchecked: DirtyMap | None = None
+    """Delta sync: regions not compared with the recovery side yet (None: no delta sync)."""
+    delta_task: asyncio.Task[None] | None = None
+    delta: ResyncProgress | None = None
+    """The newest delta sync: ``done_bytes`` compared, ``changed_bytes`` shipped."""
+    copying: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    """One copier at a time claims the volume's RegionGuard (bitmap shipping, delta sync)."""
 
     @property
     def in_path(self) -> bool:
@@ -399,19 +422,19 @@ class ProtectedVpg(CapturedVolumes):
             on_release=self._on_release,
             on_gap=self._on_gap,
             bandwidth=self._flow,
-        )
-        known = self._state.recovery_position() if clean else 0
-        if known:
             # What the recovery side had durably when this appliance last stopped cleanly: a
             # welcome below it means the recovery side lost records (say, its journal was
             # recreated), and the sender reports the gap (`_on_gap`) instead of trusting it.
-            self.sender.durable_seq = known
+            known_durable=self._state.recovery_position() if clean else 0,
+        )
         self.sender.start()
         self.tasks.spawn(self._ship_loop(), "ship dirty regions")
         self.tasks.spawn(self._rate_loop(), "rates")
         self.tasks.spawn(self._sweep_loop(), "intent sweep")
         for side in self._sides.values():
-            if side.in_path and not side.streaming:
+            if side.unchecked is not None:
+                self._spawn_delta(side)
+            if side.in_path and not side.vol.synced:
                 await self._state.set_synced(side.vol.spec.name, False)
         self._work.set()
         log.info(
@@ -435,30 +458,25 @@ class ProtectedVpg(CapturedVolumes):
                 raise
             dirty = DirtyMap(backing.size)
             side = _Replicated(index, vol, dirty, intent)
-            if not known:
+            why = "unclean stop" if not clean else "stopped with changes not shipped"
+            if not known and self.spec.initial_sync is InitialSync.DELTA:
+                self._begin_delta(side, "initial sync by block checksums (initialSync: delta)")
+            elif not known:
                 self._begin_sync(side, SyncState.INITIAL_SYNC, "new volume")
             elif clean and known.get("synced"):
                 intent.reset()
             elif self._state.same_boot and intent.found is not None:
                 # The process stopped uncleanly (or with changes not shipped) in this boot of
                 # the node: the intent map says where changes may be missing over there.
-                marked = intent.mark_found(dirty)
-                why = "unclean stop" if not clean else "stopped with changes not shipped"
-                self._begin_sync(
+                regions = intent.found_regions(backing.size)
+                self._begin_delta(
                     side,
-                    SyncState.DELTA_SYNC,
-                    f"{why}: resync of {marked / (1 << 20):.0f} MiB of regions with changes "
-                    "in flight",
-                    full=False,
+                    f"{why}: delta sync of {sum(n for _, n in regions) / (1 << 20):.0f} MiB of "
+                    "regions with changes in flight",
+                    regions,
                 )
             else:
-                why = "unclean stop" if not clean else "stopped with changes not shipped"
-                self._begin_sync(
-                    side,
-                    SyncState.DELTA_SYNC,
-                    f"{why} across a restart of the node: full resync (no delta sync by "
-                    "checksums yet)",
-                )
+                self._begin_delta(side, f"{why} across a restart of the node: delta sync")
             return side
         size = vs.size_bytes()
         assert size is not None  # the config model requires it for mirror targets
@@ -520,7 +538,12 @@ class ProtectedVpg(CapturedVolumes):
 
     def _sweep(self) -> None:
         for side in self._sides.values():
-            if side.intent is not None and side.dirty is not None and not side.shipping:
+            if (
+                side.intent is not None
+                and side.dirty is not None
+                and not side.shipping
+                and side.unchecked is None
+            ):
                 side.intent.sweep(self.buffer.acked_seq, side.dirty)
 
     # -- the write target ---------------------------------------------------------------------
@@ -674,6 +697,152 @@ class ProtectedVpg(CapturedVolumes):
                 side.vol.state, side.vol.reason = SyncState.NOT_SYNCED, why
         self._work.set()
 
+    # -- delta sync ----------------------------------------------------------------------------
+
+    def force_sync(self) -> list[str]:
+        """Delta-sync every in-path volume now (restarting a delta sync that runs); returns their
+        names. Mirror targets are left alone: their source is QEMU's to re-read."""
+        names = []
+        for side in self._sides.values():
+            if side.in_path:
+                self._begin_delta(side, "force sync: delta sync by block checksums")
+                self._spawn_delta(side)
+                names.append(side.vol.spec.name)
+        return names
+
+    def _begin_delta(
+        self, side: _Replicated, reason: str, regions: Sequence[tuple[int, int]] | None = None
+    ) -> None:
+        """Put an in-path volume in delta sync of ``regions`` (default: all of it); the walk
+        starts with :meth:`_spawn_delta` once the sender exists."""
+        size = side.vol.export.size
+        todo = DirtyMap(size, INTENT_REGION)
+        if regions is None:
+            todo.mark_all()
+        for offset, length in regions or ():
+            todo.mark(offset, length)
+        if side.intent is not None and regions is None:
+            side.intent.note_all()
+        if side.delta_task is not None:
+            side.delta_task.cancel()
+            side.delta_task = None
+        side.unchecked = todo
+        side.vol.state, side.vol.reason = SyncState.DELTA_SYNC, reason
+        side.syncing_since = time.time()
+        side.delta = side.vol.progress = ResyncProgress(reason, todo.dirty_bytes)
+        log.info(
+            "vpg=%s volume=%s event=sync-start state=%s reason=%r bytes=%d block=%d",
+            self.name,
+            side.vol.spec.name,
+            SyncState.DELTA_SYNC,
+            reason,
+            todo.dirty_bytes,
+            DELTA_BLOCK,
+        )
+
+    def _spawn_delta(self, side: _Replicated) -> None:
+        assert side.unchecked is not None
+        side.delta_task = self.tasks.spawn(
+            self._delta_sync(side, side.unchecked), f"delta sync {side.vol.spec.name}"
+        )
+
+    async def _delta_sync(self, side: _Replicated, todo: DirtyMap) -> None:
+        """Compare ``todo`` with the recovery side, ``SUM_DEPTH`` requests ahead, shipping what
+        differs; start again where it stood after a lost connection."""
+        sender = self.sender
+        assert sender is not None
+        inflight: collections.deque[tuple[int, int, asyncio.Task[bytes]]] = collections.deque()
+
+        def abandon(why: str) -> None:
+            if inflight:
+                log.info(
+                    "vpg=%s volume=%s event=delta-sync-interrupted requests=%d reason=%r",
+                    self.name,
+                    side.vol.spec.name,
+                    len(inflight),
+                    why,
+                )
+            while inflight:
+                offset, length, task = inflight.popleft()
+                task.cancel()
+                todo.mark(offset, length)
+
+        try:
+            while todo.dirty_regions or inflight:
+                if not sender.connected:
+                    abandon("not connected")
+                    await asyncio.sleep(0.05)
+                    continue
+                while len(inflight) < SUM_DEPTH and todo.dirty_regions:
+                    for offset, length in todo.take_batch(SUM_SPAN):
+                        ask = sender.checksums(side.index, offset, length, DELTA_BLOCK)
+                        inflight.append((offset, length, asyncio.ensure_future(ask)))
+                offset, length, task = inflight[0]
+                try:
+                    remote = await task
+                except SumsLost as e:
+                    abandon(str(e))
+                    continue
+                inflight.popleft()
+                await self._wait_for_half_room()
+                await self._compare(side, offset, length, remote)
+        finally:
+            abandon("stopped")
+        if side.delta_task is not asyncio.current_task():
+            return
+        side.delta_task = side.unchecked = None
+        p = side.delta
+        assert p is not None
+        log.info(
+            "vpg=%s volume=%s event=delta-compared bytes=%d shipped=%d seconds=%.1f",
+            self.name,
+            side.vol.spec.name,
+            p.done_bytes,
+            p.changed_bytes,
+            time.monotonic() - p.started,
+        )
+        if side.streaming and side.dirty is not None and not side.dirty.dirty_regions:
+            self.tasks.spawn(self._finish_sync(side, side.overflows), f"sync {side.vol.spec.name}")
+
+    async def _compare(self, side: _Replicated, offset: int, length: int, remote: bytes) -> None:
+        """Read [offset, offset+length) of the source under the RegionGuard and append records
+        for the blocks whose digests differ from ``remote``."""
+        export, progress = side.vol.export, side.delta
+        assert isinstance(export, InPathExport) and side.dirty is not None and progress
+        async with side.copying:
+            await export.guard.claim(offset, offset + length)
+            try:
+                data = memoryview(await export.backing.read(offset, length))
+                runs = _differing(block_digests(data, DELTA_BLOCK), remote, DELTA_BLOCK, length)
+                for i, (start, end) in enumerate(runs):
+                    for pos in range(start, end, self._chunk):
+                        step = min(self._chunk, end - pos)
+                        try:
+                            seq = self._append_data(side, offset + pos, data[pos : pos + step])
+                        except BufferFull:
+                            side.dirty.mark(offset + pos, end - pos)
+                            for later in runs[i + 1 :]:
+                                side.dirty.mark(offset + later[0], later[1] - later[0])
+                            self._overflow(side)
+                            return
+                        if side.intent is not None:
+                            side.intent.note(offset + pos, step, seq)
+                        progress.changed_bytes += step
+            finally:
+                export.guard.release()
+                progress.done_bytes += length
+        # Reads of the backing store may complete without suspending: let writes in.
+        await asyncio.sleep(0)
+
+    async def _wait_for_half_room(self) -> None:
+        """Wait while the buffer is more than half full (what is shipped must fit)."""
+        while self.buffer.used_bytes > self.buffer.capacity_bytes // 2:
+            try:
+                async with asyncio.timeout(0.5):
+                    await self.buffer.wait_acked(self.buffer.acked_seq + 1)
+            except TimeoutError:
+                pass
+
     # -- shipping dirty regions ---------------------------------------------------------------
 
     def _needs_shipping(self) -> list[_Replicated]:
@@ -691,11 +860,7 @@ class ProtectedVpg(CapturedVolumes):
                 await asyncio.sleep(0.05)  # nothing would leave: keep the changes as regions
                 continue
             if self.buffer.used_bytes > self.buffer.capacity_bytes // 2:
-                try:
-                    async with asyncio.timeout(0.5):
-                        await self.buffer.wait_acked(self.buffer.acked_seq + 1)
-                except TimeoutError:
-                    pass
+                await self._wait_for_half_room()
                 continue
             for side in pending:
                 await self._ship_batch(side)
@@ -731,38 +896,43 @@ class ProtectedVpg(CapturedVolumes):
             extents = await export.backing.block_status(pos, end - pos)
             hole = bool(extents[0][1] & 2)
             step = min(extents[0][0], end - pos, _MAX_ZERO) if hole else min(self._chunk, end - pos)
-            await export.guard.claim(pos, pos + step)
-            try:
-                if hole:  # look again, now that no write can land in it
-                    extents = await export.backing.block_status(pos, step)
-                    hole = bool(extents[0][1] & 2) and extents[0][0] >= step
-                    if not hole:
-                        step = min(self._chunk, step)
-                if hole:
-                    seq = self.buffer.append_zero(side.index, pos, step)
-                else:
-                    data = await export.backing.read(pos, step)
-                    if data == _ZEROES[:step]:
+            async with side.copying:
+                await export.guard.claim(pos, pos + step)
+                try:
+                    if hole:  # look again, now that no write can land in it
+                        extents = await export.backing.block_status(pos, step)
+                        hole = bool(extents[0][1] & 2) and extents[0][0] >= step
+                        if not hole:
+                            step = min(self._chunk, step)
+                    if hole:
                         seq = self.buffer.append_zero(side.index, pos, step)
                     else:
-                        seq = self.buffer.append_write(side.index, pos, data)
-                if side.intent is not None:
-                    side.intent.note(pos, step, seq)
-            except BufferFull:
-                side.dirty.mark(pos, end - pos)
-                self._overflow(side)
-                return
-            finally:
-                export.guard.release()
+                        seq = self._append_data(side, pos, await export.backing.read(pos, step))
+                    if side.intent is not None:
+                        side.intent.note(pos, step, seq)
+                except BufferFull:
+                    side.dirty.mark(pos, end - pos)
+                    self._overflow(side)
+                    return
+                finally:
+                    export.guard.release()
             pos += step
             self._progress(side, step)
             # Reads of the backing store may complete without suspending: let writes, the
             # sender and the acks in.
             await asyncio.sleep(0)
 
+    def _append_data(
+        self, side: _Replicated, offset: int, data: bytes | bytearray | memoryview
+    ) -> int:
+        """A WRITE record of ``data`` read from the source, or a ZERO when it is all zeroes."""
+        if data == _ZEROES[: len(data)]:
+            return self.buffer.append_zero(side.index, offset, len(data))
+        return self.buffer.append_write(side.index, offset, data)
+
     def _progress(self, side: _Replicated, shipped: int) -> None:
         p = side.vol.progress
-        if p is not None and side.dirty is not None:
+        if p is not None and side.dirty is not None and side.unchecked is None:
             p.done_bytes += shipped
             p.total_bytes = p.done_bytes + side.dirty.dirty_bytes
 
@@ -772,6 +942,8 @@ class ProtectedVpg(CapturedVolumes):
         await self.buffer.wait_acked(self.buffer.last_seq)
         if side.overflows != overflows or not side.streaming or side.vol.synced:
             return
+        if side.unchecked is not None:
+            return  # a delta sync still compares: it finishes the sync
         assert side.dirty is not None
         if side.dirty.dirty_regions:
             return
@@ -867,8 +1039,10 @@ class ProtectedVpg(CapturedVolumes):
         volumes: dict[str, Any] = {}
         for name, v in self.volumes.items():
             volumes[name] = volume_status(v)
-            dirty = self._sides[name].dirty
-            volumes[name]["dirtyBytes"] = None if dirty is None else dirty.dirty_bytes
+            side = self._sides[name]
+            volumes[name]["dirtyBytes"] = None if side.dirty is None else side.dirty.dirty_bytes
+            if side.delta is not None:
+                volumes[name]["deltaSync"] = _delta_status(side.delta, side.unchecked is not None)
         return {
             "vpg": self.name,
             "source": self.source,
@@ -906,6 +1080,35 @@ class ProtectedVpg(CapturedVolumes):
             "holdMs": _percentiles(holds),
             "volumes": volumes,
         }
+
+
+def _delta_status(p: ResyncProgress, running: bool) -> dict[str, Any]:
+    """`control.models.DeltaSyncStatus` of a volume's newest delta sync."""
+    return {
+        "running": running,
+        "reason": p.reason,
+        "totalBytes": p.total_bytes,
+        "comparedBytes": p.done_bytes,
+        "shippedBytes": p.changed_bytes,
+        "blockBytes": DELTA_BLOCK,
+        "etaSeconds": p.eta_seconds if running else 0.0,
+    }
+
+
+def _differing(local: bytes, remote: bytes, block: int, length: int) -> list[tuple[int, int]]:
+    """Byte ranges (start, end) of the runs of blocks whose digests differ."""
+    if local == remote:
+        return []
+    a = np.frombuffer(local, dtype=np.uint64).reshape(-1, DIGEST_SIZE // 8)
+    b = np.frombuffer(remote, dtype=np.uint64).reshape(-1, DIGEST_SIZE // 8)
+    idx = np.flatnonzero((a != b).any(axis=1))
+    breaks = np.flatnonzero(np.diff(idx) != 1)
+    starts = np.concatenate((idx[:1], idx[breaks + 1]))
+    ends = np.concatenate((idx[breaks], idx[-1:])) + 1
+    return [
+        (int(s) * block, min(int(e) * block, length))
+        for s, e in zip(starts.tolist(), ends.tolist(), strict=True)
+    ]
 
 
 def _percentiles(samples: list[float]) -> dict[str, float]:

@@ -16,6 +16,10 @@ stream from its protected appliances (the journal's `sources`).
   are written by nobody else, so the images do not change) and no checkpoint ever falls inside it.
 - CHECKPOINT_MARK records are not journaled; their payload (``protected.parse_mark``) says whether
   the source was consistent when it marked.
+- ``checksums`` (delta sync) hashes a range of the journal's latest view of a volume (replica plus
+  every durable record: ``Journal.open_latest``, read without copying the volume) in a worker
+  thread. Concurrent requests for a volume share one view, closed when the last one is answered,
+  so that no view pins the journal's retention while no delta sync runs.
 
 :class:`RecoveryVpg` takes a checkpoint every `checkpointIntervalSeconds` as a cut across every
 source (:meth:`StreamReceiver.request_checkpoint`): once every source's mark has reached the sink
@@ -40,7 +44,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from secondsite.appliance.config import JournalSpec
-from secondsite.appliance.journal import Checkpoint, Journal, JournalError
+from secondsite.appliance.journal import Checkpoint, Journal, JournalError, PitImage
 from secondsite.appliance.protected import parse_mark
 from secondsite.appliance.stream import (
     CheckpointError,
@@ -51,6 +55,7 @@ from secondsite.appliance.stream import (
     StreamReceiver,
     VolumeEntry,
 )
+from secondsite.appliance.stream.frames import block_digests
 from secondsite.appliance.vpg import CheckpointSkipped, JournaledVpg
 
 __all__ = ["JournalSink", "RecoveryVpg", "SourceState"]
@@ -98,6 +103,23 @@ class SourceState:
 
 
 @dataclasses.dataclass(eq=False)
+class _SharedView:
+    """A latest view of one volume, opened for the checksum requests in flight."""
+
+    opening: asyncio.Task[PitImage]
+    users: int = 0
+
+    def release(self) -> None:
+        """Close the view once it is open (or now); its opening's failure was reported."""
+        self.opening.add_done_callback(_close_view)
+
+
+def _close_view(opening: asyncio.Task[PitImage]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()
+
+
+@dataclasses.dataclass(eq=False)
 class _Turn:
     seq: int
     future: asyncio.Future[None]
@@ -125,6 +147,7 @@ class JournalSink:
         self._turn: dict[str, _Turn] = {}
         self._flush_scheduled = False
         self._add_lock = asyncio.Lock()
+        self._views: dict[str, _SharedView] = {}
 
     # -- StreamSink --------------------------------------------------------------------------
 
@@ -177,6 +200,34 @@ class JournalSink:
             self._backlog[source].append((record, fut))
             return fut
         return self._submit(source, record)
+
+    async def checksums(
+        self, source: str, volume: int, offset: int, length: int, block_size: int
+    ) -> bytes:
+        adding = self._adding.get(source)
+        if adding is not None:
+            await asyncio.wait({adding})
+        try:
+            name = self.sources[source].volumes[volume]
+        except (KeyError, IndexError):
+            raise SinkError(f"{source} has no volume index {volume}") from None
+        shared = self._views.get(name)
+        if shared is None:
+            opening = asyncio.get_running_loop().create_task(self.journal.open_latest(name))
+            shared = self._views[name] = _SharedView(opening)
+        shared.users += 1
+        try:
+            view = await asyncio.shield(shared.opening)
+            return await asyncio.to_thread(
+                lambda: block_digests(view.read_sync(offset, length), block_size)
+            )
+        except JournalError as e:
+            raise SinkError(f"volume {name}: checksums not read: {e}") from e
+        finally:
+            shared.users -= 1
+            if not shared.users:
+                del self._views[name]
+                shared.release()
 
     # -- inside ------------------------------------------------------------------------------
 

@@ -416,3 +416,10 @@ class ControlClient:
         url = self._url("v1", "vpgs", vpg, "reverse")
         body = ReverseRequest(peer=peer, peer_stream=peer_stream, directory=directory)
         return await self._model(ReverseResult, "POST", url, body=body)
+
+    async def force_sync(self, vpg: str) -> ProtectedVpgStatus:
+        """Delta-sync every in-path volume of a VPG protected by this appliance (by block
+        checksums: only blocks that differ from the recovery side are shipped)."""
+        return await self._model(
+            ProtectedVpgStatus, "POST", self._url("v1", "vpgs", vpg, "force-sync")
+        )

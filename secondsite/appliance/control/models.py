@@ -33,6 +33,7 @@ __all__ = [
     "CheckpointPage",
     "CheckpointRef",
     "CheckpointRequest",
+    "DeltaSyncStatus",
     "ErrorBody",
     "FailoverState",
     "ImageInfo",
@@ -273,6 +274,21 @@ class JournalUsage(_Reply):
     history or the hard limit wants: the lowest seq they pin (close them to let it go on)."""
 
 
+class DeltaSyncStatus(_Reply):
+    """A delta sync by block checksums of one volume (force sync, unclean restart, initial sync
+    with `initialSync: delta`)."""
+
+    running: bool
+    reason: str
+    total_bytes: int
+    """Bytes of the volume to compare."""
+    compared_bytes: int
+    shipped_bytes: int
+    """Bytes of blocks that differed, shipped as write records."""
+    block_bytes: int
+    eta_seconds: float | None = None
+
+
 class VolumeStatus(_Reply):
     capture: str
     state: str
@@ -286,6 +302,8 @@ class VolumeStatus(_Reply):
     sync_eta_seconds: float | None = None
     dirty_bytes: int | None = None
     """Replicated in-path volume: bytes in regions still to ship to the recovery side."""
+    delta_sync: DeltaSyncStatus | None = None
+    """Replicated in-path volume: its newest delta sync, running or done."""
 
 
 class ReplicationSource(_Reply):

@@ -24,6 +24,7 @@ Routes (every `/v1` route needs `Authorization: Bearer <token>`, and a client ce
     POST   /v1/vpgs/{vpg}/commit                       FailoverState                 409
     POST   /v1/vpgs/{vpg}/rollback                     FailoverState                 409
     POST   /v1/vpgs/{vpg}/reverse   ReverseRequest     ReverseResult                 404 409 422
+    POST   /v1/vpgs/{vpg}/force-sync                   ProtectedVpgStatus            404 409
 
 Reverse (reverse protection, failback; see `secondsite.appliance.reverse`): called on both
 appliances of a VPG after a failover was committed on the recovery one. On the recovery appliance
@@ -32,6 +33,10 @@ in-path volumes streamed to the peer; on the protected one (body: the peer's `pe
 volumes stop being served and their backing files become the replicas of a journal fed by the
 peer. The reversed config is applied like a `PUT /v1/config`; 409 `cannot-reverse` says why a VPG
 cannot be reversed (no committed failover, a promotion not committed, mirror targets, ...).
+
+`force-sync` (on the protected appliance) starts a delta sync by block checksums of every
+in-path volume of the VPG (409 nothing-to-sync when it has none: mirror targets are QEMU's to
+resync); its progress is in each volume's `deltaSync`.
 
 Errors are ``{"error": code, "message": ..., "details": [...]}`` (`errors` lists the codes);
 401 carries ``WWW-Authenticate: Bearer``. A request that is not HTTP gets aiohttp's 400 and
@@ -275,6 +280,7 @@ class ControlServer:
         r.add_post("/v1/vpgs/{vpg}/commit", self._commit)
         r.add_post("/v1/vpgs/{vpg}/rollback", self._rollback)
         r.add_post("/v1/vpgs/{vpg}/reverse", self._reverse)
+        r.add_post("/v1/vpgs/{vpg}/force-sync", self._force_sync)
 
     async def _healthz(self, request: web.Request) -> web.Response:
         if not self._serving:
@@ -409,3 +415,16 @@ class ControlServer:
             directory=body.directory,
         )
         return _json(result)
+
+    async def _force_sync(self, request: web.Request) -> web.Response:
+        pvpg = self._appliance.protected_vpg(request.match_info["vpg"])
+        volumes = pvpg.force_sync()
+        if not volumes:
+            raise ApiError(
+                409,
+                "nothing-to-sync",
+                f"VPG {pvpg.name} has no in-path volume here; its mirror targets are resynced "
+                "by their QEMU mirror jobs",
+            )
+        log.info("vpg=%s event=force-sync volumes=%s", pvpg.name, ",".join(volumes))
+        return _json(ProtectedVpgStatus.model_validate(pvpg.status()))

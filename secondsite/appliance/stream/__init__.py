@@ -3,8 +3,9 @@ TLS) connection per VPG and protected appliance, ordered, acknowledged and resum
 
 Layers, each usable alone:
 
-- ``frames``: the wire format (CRC32C per frame, optional zstd per DATA frame) and an
-  incremental decoder that turns any input into frames or a :class:`ProtocolError`;
+- ``frames``: the wire format (CRC32C per frame, optional zstd per DATA frame, block-checksum
+  requests and answers for delta sync) and an incremental decoder that turns any input into
+  frames or a :class:`ProtocolError`;
 - ``buffer``: the protected side's bounded :class:`ProtectedBuffer` of unacknowledged records and
   the :class:`DirtyMap` bitmap sync falls back to;
 - ``sender`` / ``receiver``: the two ends (:class:`StreamSender`, :class:`StreamReceiver`), with
@@ -16,6 +17,7 @@ Exceptions::
 
     ProtocolError      the peer sent a malformed or unexpected frame (the connection is dropped)
     RemoteError        the receiver answered ERROR (the sender reconnects after a backoff)
+    SumsLost           a checksum request (delta sync) got no answer: the connection was lost
     CheckpointError    a cut across sources could not be taken (every source was released)
     BufferFull         a change does not fit in the protected buffer (switch to bitmap sync)
     SinkError          the sink cannot take a record
@@ -32,6 +34,7 @@ from .sender import (
     SenderMetrics,
     SenderSettings,
     StreamSender,
+    SumsLost,
     tcp_connector,
 )
 from .sink import MemorySink, MemorySinkState, SinkError, SinkRefused, StreamSink
@@ -65,6 +68,7 @@ __all__ = [
     "StreamReceiver",
     "StreamSender",
     "StreamSink",
+    "SumsLost",
     "VolumeEntry",
     "client_context",
     "server_context",

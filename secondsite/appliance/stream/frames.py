@@ -23,7 +23,14 @@ RELEASE     u64 request id
 HOLD_FAILED u64 request id, str reason (the sender could not mark: e.g. its buffer overflowed)
 HEARTBEAT   empty
 ERROR       u16 ErrorCode, str message; the sender of an ERROR closes the connection
+SUMS_ASK    u64 request id, u16 volume index, u64 offset, u32 length, u32 block size: the
+            sender asks for one digest per block of [offset, offset+length) of the volume's
+            newest state on the receiving side (the last block may be short); block size a
+            power of two from MIN_SUM_BLOCK to MAX_SUM_BLOCK, at most MAX_SUM_BLOCKS blocks
+SUMS        u64 request id, u32 n, n x DIGEST_SIZE bytes: the answer, one digest per block
 =========== ================================================================================
+
+A digest is the XXH3-128 of the block's bytes (:func:`block_digests`), 16 bytes big-endian.
 
 A record is ``u64 seq, u16 volume index, u8 op, u8 zero, u64 offset, u32 length`` followed, for
 WRITE and CHECKPOINT_MARK, by ``length`` payload bytes (ZERO and TRIM carry none). A
@@ -43,14 +50,19 @@ from dataclasses import dataclass
 from typing import ClassVar, Final
 
 import google_crc32c
+import xxhash
 import zstandard
 
 __all__ = [
+    "DIGEST_SIZE",
     "FLAG_ZSTD",
     "FRAME_VERSION",
     "HEADER_SIZE",
     "MAGIC",
     "MAX_BODY",
+    "MAX_SUM_BLOCK",
+    "MAX_SUM_BLOCKS",
+    "MIN_SUM_BLOCK",
     "NO_VOLUME",
     "PROTOCOL_VERSION",
     "RECORD_HEADER_SIZE",
@@ -70,19 +82,24 @@ __all__ = [
     "ProtocolError",
     "Record",
     "Release",
+    "Sums",
+    "SumsAsk",
     "VolumeEntry",
     "Welcome",
+    "block_digests",
     "crc32c",
     "data_body",
     "decode_all",
     "encode",
     "encode_data",
     "pack_frame",
+    "sum_blocks",
 ]
 
 MAGIC: Final = b"SSRS"
 FRAME_VERSION: Final = 1
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
+"""2: SUMS_ASK and SUMS (delta sync)."""
 FLAG_ZSTD: Final = 1 << 0
 MAX_BODY: Final = 16 * 1024 * 1024
 """Default bound on a frame body (compressed or not) and on a DATA body once decompressed."""
@@ -90,6 +107,11 @@ NO_VOLUME: Final = 0xFFFF
 MAX_VOLUMES: Final = 4096
 MAX_NAME: Final = 1024
 """Bytes of a vpg, source or volume name, and of an ERROR / HOLD_FAILED message."""
+DIGEST_SIZE: Final = 16
+MIN_SUM_BLOCK: Final = 4096
+MAX_SUM_BLOCK: Final = 16 * 1024 * 1024
+MAX_SUM_BLOCKS: Final = 65536
+"""Most digests one SUMS_ASK may ask for (a SUMS body of 1 MiB)."""
 
 _HEADER = struct.Struct(">4sBBHII")
 HEADER_SIZE: Final = _HEADER.size
@@ -100,6 +122,8 @@ _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _U64X2 = struct.Struct(">QQ")
 _WELCOME = struct.Struct(">HQ")
+_SUMS_ASK = struct.Struct(">QHQII")
+_SUMS_HEAD = struct.Struct(">QI")
 _MAX_U64: Final = (1 << 64) - 1
 
 
@@ -122,6 +146,8 @@ class FrameType(enum.IntEnum):
     HEARTBEAT = 8
     ERROR = 9
     HOLD_FAILED = 10
+    SUMS_ASK = 11
+    SUMS = 12
 
 
 class Op(enum.IntEnum):
@@ -150,6 +176,19 @@ class ErrorCode(enum.IntEnum):
 def crc32c(data: bytes, crc: int = 0) -> int:
     """CRC32C of ``data`` continuing ``crc`` (google_crc32c accepts only ``bytes``)."""
     return int(google_crc32c.extend(crc, data))
+
+
+def block_digests(data: bytes | memoryview, block_size: int) -> bytes:
+    """One XXH3-128 digest per ``block_size`` bytes of ``data`` (the last block may be short),
+    concatenated."""
+    view = memoryview(data)
+    digest = xxhash.xxh3_128_digest
+    return b"".join([digest(view[i : i + block_size]) for i in range(0, len(view), block_size)])
+
+
+def sum_blocks(length: int, block_size: int) -> int:
+    """How many digests cover ``length`` bytes in blocks of ``block_size``."""
+    return -(-length // block_size)
 
 
 # -- typed frames -------------------------------------------------------------------------------
@@ -243,7 +282,49 @@ class Error:
     message: str
 
 
-Frame = Hello | Welcome | Data | Ack | Hold | Marked | Release | HoldFailed | Heartbeat | Error
+@dataclass(frozen=True, slots=True)
+class SumsAsk:
+    """Digests of blocks of a volume's newest state on the receiving side, please."""
+
+    TYPE: ClassVar[FrameType] = FrameType.SUMS_ASK
+    request: int
+    volume: int
+    offset: int
+    length: int
+    block_size: int
+
+    @property
+    def blocks(self) -> int:
+        return sum_blocks(self.length, self.block_size)
+
+
+@dataclass(frozen=True, slots=True)
+class Sums:
+    """The answer to SUMS_ASK ``request``: ``DIGEST_SIZE`` bytes per block."""
+
+    TYPE: ClassVar[FrameType] = FrameType.SUMS
+    request: int
+    digests: bytes
+
+    @property
+    def count(self) -> int:
+        return len(self.digests) // DIGEST_SIZE
+
+
+Frame = (
+    Hello
+    | Welcome
+    | Data
+    | Ack
+    | Hold
+    | Marked
+    | Release
+    | HoldFailed
+    | Heartbeat
+    | Error
+    | SumsAsk
+    | Sums
+)
 
 
 # -- encoding -----------------------------------------------------------------------------------
@@ -315,6 +396,16 @@ def _body(frame: Frame) -> bytes:
             return b""
         case Error():
             return _U16.pack(frame.code) + _str(frame.message[:256])
+        case SumsAsk():
+            _check_sums_ask(frame, ValueError)
+            return _SUMS_ASK.pack(
+                _u64(frame.request), frame.volume, _u64(frame.offset), frame.length,
+                frame.block_size,
+            )  # fmt: skip
+        case Sums():
+            if len(frame.digests) % DIGEST_SIZE or frame.count > MAX_SUM_BLOCKS:
+                raise ValueError(f"SUMS of {len(frame.digests)} digest bytes")
+            return _SUMS_HEAD.pack(_u64(frame.request), frame.count) + frame.digests
 
 
 def encode(frame: Frame) -> bytes:
@@ -397,6 +488,24 @@ def _hello(c: _Cursor) -> Hello:
     return Hello(vpg, source, vols, protocol)
 
 
+def _check_sums_ask(ask: SumsAsk, error: type[Exception]) -> None:
+    """The bounds of a SUMS_ASK (raised as ``error``: ValueError here, ProtocolError there)."""
+    bs = ask.block_size
+    if not MIN_SUM_BLOCK <= bs <= MAX_SUM_BLOCK or bs & (bs - 1):
+        raise error(f"SUMS_ASK: block size {bs}")
+    if not 0 < ask.length < 1 << 32 or ask.blocks > MAX_SUM_BLOCKS:
+        raise error(f"SUMS_ASK: {ask.length} bytes in blocks of {bs}")
+    if ask.volume == NO_VOLUME or not 0 <= ask.offset <= _MAX_U64 - ask.length:
+        raise error(f"SUMS_ASK: volume index {ask.volume}, offset {ask.offset}")
+
+
+def _sums(c: _Cursor) -> Sums:
+    request, n = c.unpack(_SUMS_HEAD)
+    if n > MAX_SUM_BLOCKS or n * DIGEST_SIZE != c.remaining:
+        raise ProtocolError(f"SUMS: {n} digests in {c.remaining} bytes")
+    return Sums(request, bytes(c.take(n * DIGEST_SIZE)))
+
+
 _OPS = {int(op): op for op in Op}
 
 
@@ -446,6 +555,11 @@ def _decode_body(ftype: FrameType, body: bytes) -> Frame:
             frame = Heartbeat()
         case FrameType.ERROR:
             frame = Error(c.u16(), c.string())
+        case FrameType.SUMS_ASK:
+            frame = SumsAsk(*c.unpack(_SUMS_ASK))
+            _check_sums_ask(frame, ProtocolError)
+        case FrameType.SUMS:
+            frame = _sums(c)
     c.end()
     return frame
 

@@ -16,7 +16,10 @@ claims (:func:`.tls.identity_refusal`). Per connection:
    twice). Seqs must grow strictly within a connection; volume indexes and ranges must fit the
    volume table. ACK(seq) tells the sender that every record up to seq is durable; one ACK is
    sent per group of records that became durable together.
-4. HEARTBEATs flow both ways when there is nothing else to send; a sender silent for
+4. SUMS_ASK (delta sync) is answered with SUMS once every record received before it is durable:
+   the digests are of the volume's newest state in the sink, with those records in it
+   (``sink.checksums``). At most ``max_sums_inflight`` may wait at a time.
+5. HEARTBEATs flow both ways when there is nothing else to send; a sender silent for
    ``idle_timeout`` is dropped.
 
 Anything malformed gets an ERROR and a closed connection, and a warning in the log naming the
@@ -65,6 +68,8 @@ from .frames import (
     ProtocolError,
     Record,
     Release,
+    Sums,
+    SumsAsk,
     Welcome,
     encode,
 )
@@ -109,6 +114,8 @@ class ReceiverSettings:
     drain_timeout: float = 10.0
     """Seconds a closing or replaced connection waits for its records in flight to be durable."""
     read_size: int = 256 * 1024
+    max_sums_inflight: int = 64
+    """SUMS_ASK requests per connection answered concurrently; more is a protocol error."""
 
 
 @dataclass
@@ -202,6 +209,11 @@ class _Session:
         self._reading: asyncio.Task[None] | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self.acker: asyncio.Task[None] | None = None
+        self._sum_tasks: set[asyncio.Task[None]] = set()
+        self._durable_waits: collections.deque[tuple[int, asyncio.Future[None]]] = (
+            collections.deque()
+        )
+        """(seq, future): completed once the record of seq (and all before it) is durable."""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -326,6 +338,8 @@ class _Session:
                 pass
             case Marked():
                 self._marked(frame.request, frame.seq)
+            case SumsAsk():
+                self._ask_sums(frame)
             case HoldFailed():
                 wait = self._holds.get(frame.request)
                 if wait is not None:
@@ -364,6 +378,44 @@ class _Session:
         if self._inflight > self.settings.max_inflight_bytes:
             self._room.clear()
         self._check_marks()
+
+    def _ask_sums(self, ask: SumsAsk) -> None:
+        volumes = self.hello.volumes if self.hello is not None else ()
+        if ask.volume >= len(volumes) or ask.offset + ask.length > volumes[ask.volume].size:
+            raise ProtocolError(
+                f"SUMS_ASK {ask.request}: [{ask.offset}, {ask.offset + ask.length}) outside "
+                f"volume index {ask.volume}"
+            )
+        if len(self._sum_tasks) >= self.settings.max_sums_inflight:
+            raise ProtocolError(f"more than {self.settings.max_sums_inflight} SUMS_ASK in flight")
+        task = asyncio.get_running_loop().create_task(self._answer_sums(ask, self.stats.last_seq))
+        self._sum_tasks.add(task)
+        task.add_done_callback(self._sum_tasks.discard)
+
+    async def _answer_sums(self, ask: SumsAsk, after: int) -> None:
+        hello, sink = self.hello, self.sink
+        assert hello is not None and sink is not None
+        try:
+            if self.stats.durable_seq < after:
+                waiter = asyncio.get_running_loop().create_future()
+                self._durable_waits.append((after, waiter))
+                await waiter
+            digests = await sink.checksums(
+                hello.source, ask.volume, ask.offset, ask.length, ask.block_size
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the sink's failure, not this peer's
+            self.stop(_Closed(f"checksums failed: {e!r}", ErrorCode.SINK_FAILED, warn=True))
+            return
+        self.send(Sums(ask.request, digests))
+
+    def _durable_to(self, seq: int) -> None:
+        waits = self._durable_waits
+        while waits and waits[0][0] <= seq:
+            _, waiter = waits.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _submit(self, r: Record) -> None:
         hello, sink = self.hello, self.sink
@@ -415,6 +467,7 @@ class _Session:
             self._pending.popleft()
             self._inflight -= size
             stats.durable_seq = seq
+            self._durable_to(seq)
             self._schedule_ack()
             if self._inflight <= self.settings.max_inflight_bytes // 2:
                 self._room.set()
@@ -492,10 +545,14 @@ class _Session:
             wait.fail(why)
 
     async def close(self) -> None:
+        tasks = list(self._sum_tasks)
         if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat_task
+            tasks.append(self._heartbeat_task)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         self.writer.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.writer.wait_closed(), 1.0)

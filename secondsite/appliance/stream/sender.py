@@ -11,7 +11,9 @@ an ERROR from the receiver, or a receiver silent for ``peer_timeout``). Each con
 3. ACK(seq) frees records up to seq. Records stay in the buffer until then, whatever happens to
    the connection, so a resume never loses one; the receiver skips anything at or below its
    position, so a resend never applies one twice.
-4. HOLD(id) calls ``on_hold(id)``: the caller holds acks to its writers, appends a
+4. :meth:`StreamSender.checksums` sends SUMS_ASK at once and waits for its SUMS (several may be
+   in flight); a connection lost meanwhile fails it with :class:`SumsLost` (ask again).
+5. HOLD(id) calls ``on_hold(id)``: the caller holds acks to its writers, appends a
    CHECKPOINT_MARK for ``id`` to the buffer and returns its seq (``on_hold`` must not leave a hold
    behind if it raises). MARKED(id, seq) goes out at once, ahead of any DATA still queued, so a
    hold lasts a round trip however far behind the stream is. RELEASE(id) calls
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import random
 import ssl
@@ -53,6 +56,8 @@ from .frames import (
     ProtocolError,
     Record,
     Release,
+    Sums,
+    SumsAsk,
     VolumeEntry,
     Welcome,
     data_body,
@@ -67,6 +72,7 @@ __all__ = [
     "SenderMetrics",
     "SenderSettings",
     "StreamSender",
+    "SumsLost",
     "tcp_connector",
 ]
 
@@ -109,6 +115,10 @@ class RemoteError(Exception):
         name = ErrorCode(code).name if code in ErrorCode._value2member_map_ else str(code)
         super().__init__(f"{name}: {message}")
         self.code = code
+
+
+class SumsLost(ConnectionError):
+    """A SUMS_ASK got no answer: there was no connection, or it was lost before the answer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +221,9 @@ class StreamSender:
 
     ``start()`` it, ``await close()`` it. ``on_gap(position, durable)`` is called (and an error
     logged) when a receiver welcomes at a position below what it acknowledged before: it lost
-    records that are no longer in the buffer, so the caller must resync.
+    records that are no longer in the buffer, so the caller must resync. ``known_durable``: what
+    the receiver acknowledged before this sender started (e.g. before a clean restart), so that
+    the first welcome is checked against it too.
     """
 
     def __init__(
@@ -227,6 +239,7 @@ class StreamSender:
         on_release: ReleaseCallback | None = None,
         on_gap: Callable[[int, int], None] | None = None,
         bandwidth: Flow | None = None,
+        known_durable: int = 0,
     ) -> None:
         self.vpg = vpg
         self.source = source
@@ -254,8 +267,11 @@ class StreamSender:
         )
         self._skip_compression = 0
         self.connected = False
-        self.durable_seq = 0
-        """Newest seq a receiver acknowledged (or welcomed at) since this sender started."""
+        self.durable_seq = known_durable
+        """Newest seq a receiver acknowledged (or welcomed at), or ``known_durable``."""
+        self._sums: dict[int, tuple[asyncio.Future[bytes], int]] = {}
+        """SUMS_ASK request id -> (its answer's future, the digests expected)."""
+        self._sum_ids = itertools.count(1)
         self.sent_seq = buffer.acked_seq
         self._sent_high = buffer.acked_seq
         """Newest seq ever written to a socket by this sender (across connections)."""
@@ -308,6 +324,28 @@ class StreamSender:
         for t in side:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+
+    async def checksums(self, volume: int, offset: int, length: int, block_size: int) -> bytes:
+        """Digests (``frames.DIGEST_SIZE`` bytes per block) of [offset, offset+length) of volume
+        index ``volume`` as the receiver has it, with every record sent before this call in it.
+        Raises :class:`SumsLost` without a connection, or when it is lost before the answer."""
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            raise SumsLost("not connected")
+        ask = SumsAsk(next(self._sum_ids), volume, offset, length, block_size)
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._sums[ask.request] = (future, ask.blocks)
+        try:
+            self._write(writer, encode(ask))
+            return await future
+        finally:
+            self._sums.pop(ask.request, None)
+
+    def _lose_sums(self) -> None:
+        for future, _ in self._sums.values():
+            if not future.done():
+                future.set_exception(SumsLost("connection lost before the answer"))
+        self._sums.clear()
 
     async def wait_durable(self, seq: int) -> None:
         """Return once every record up to ``seq`` is acknowledged (or spilled)."""
@@ -368,6 +406,7 @@ class StreamSender:
                     self.connected = False
                     self._release_all("connection lost")
                     self._writer = None
+                    self._lose_sums()
                     writer.close()
                     with contextlib.suppress(Exception):
                         async with asyncio.timeout(1.0):
@@ -482,12 +521,24 @@ class StreamSender:
                 self._spawn(self._hold(frame.request))
             case Release():
                 self._release(frame.request)
+            case Sums():
+                self._answer(frame)
             case Heartbeat():
                 pass
             case Error():
                 raise RemoteError(frame.code, frame.message)
             case _:
                 raise ProtocolError(f"unexpected {type(frame).__name__.upper()} from a receiver")
+
+    def _answer(self, frame: Sums) -> None:
+        wait = self._sums.get(frame.request)
+        if wait is None:
+            return  # its asker gave up (cancelled)
+        future, expected = wait
+        if frame.count != expected:
+            raise ProtocolError(f"SUMS {frame.request}: {frame.count} digests, {expected} asked")
+        if not future.done():
+            future.set_result(frame.digests)
 
     # -- writing ----------------------------------------------------------------------------
 

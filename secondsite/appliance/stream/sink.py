@@ -14,6 +14,10 @@ with its own sequence. The receiver calls, per connection:
    (an ``asyncio.Future`` or the journal's ``PendingAppend`` qualify). Once a record of a source
    failed, no later record of that source may become durable until the source attaches again
    (the journal stops at its first I/O error): the position must stay a prefix of the stream.
+4. ``checksums(source, volume, offset, length, block_size)`` for delta sync: the digests
+   (``frames.block_digests``) of that range of the volume's newest state, with every record of
+   the source that is durable in it. The receiver calls it once the records the sender sent
+   before asking are durable.
 
 Records of one source arrive strictly in seq order with gaps allowed (a gap is what the protected
 side dropped into its dirty-region map). CHECKPOINT_MARK records carry the checkpoint request id
@@ -28,7 +32,7 @@ import dataclasses
 from collections.abc import Awaitable, Sequence
 from typing import Protocol
 
-from .frames import Op, Record, VolumeEntry
+from .frames import Op, Record, VolumeEntry, block_digests
 
 __all__ = ["MemorySink", "MemorySinkState", "SinkError", "SinkRefused", "StreamSink"]
 
@@ -47,6 +51,10 @@ class StreamSink(Protocol):
     def position(self, source: str) -> int: ...
 
     def submit(self, source: str, record: Record) -> Awaitable[None]: ...
+
+    def checksums(
+        self, source: str, volume: int, offset: int, length: int, block_size: int
+    ) -> Awaitable[bytes]: ...
 
 
 @dataclasses.dataclass
@@ -117,6 +125,12 @@ class MemorySink:
             else:
                 self._timer = loop.call_soon(self._commit)
         return fut
+
+    async def checksums(
+        self, source: str, volume: int, offset: int, length: int, block_size: int
+    ) -> bytes:
+        image = self.state.images[self._volumes[source][volume]]
+        return block_digests(memoryview(image)[offset : offset + length], block_size)
 
     def _commit(self) -> None:
         group, self._group, self._timer = self._group, [], None

@@ -215,6 +215,9 @@ async def test_unclean_stop_resyncs_only_the_regions_in_flight(rig: Rig, tmp_pat
     vol = pvpg.volumes["d0"]
     assert vol.state is SyncState.DELTA_SYNC
     assert vol.progress is not None and vol.progress.total_bytes == 2 * MiB
-    assert "resync of 2 MiB" in vol.reason
+    assert "delta sync of 2 MiB" in vol.reason
     await until(lambda: vol.synced, 10)
     assert bytes(rig.sink.state.images["d0"]) == backing.read_bytes()
+    # Compared with the recovery side's checksums: only the two writes it missed were shipped.
+    assert vol.progress.done_bytes == 2 * MiB
+    assert vol.progress.changed_bytes == 64 * KiB + 4 * KiB

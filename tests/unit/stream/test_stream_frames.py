@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 
 import pytest
+import xxhash
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -29,8 +30,11 @@ from secondsite.appliance.stream.frames import (
     ProtocolError,
     Record,
     Release,
+    Sums,
+    SumsAsk,
     VolumeEntry,
     Welcome,
+    block_digests,
     data_body,
     decode_all,
     encode,
@@ -60,6 +64,10 @@ EVERY_FRAME: list[f.Frame] = [
     HoldFailed(3, "buffer overflowed"),
     Heartbeat(),
     Error(2, "unknown vpg 'x'"),
+    SumsAsk(5, 1, 8 << 20, 8 << 20, 4096),
+    SumsAsk(6, 0, 0, 1, 1 << 24),
+    Sums(5, block_digests(b"a" * 10000, 4096)),
+    Sums(6, b""),
 ]
 
 
@@ -101,6 +109,26 @@ def test_incremental_feed_byte_by_byte() -> None:
     dec.eof()
     assert [_norm(x) for x in out] == EVERY_FRAME
     assert dec.buffered == 0 and dec.bytes_in == len(wire)
+
+
+def test_block_digests_are_xxh3_128_per_block_with_a_short_last_one() -> None:
+    data = bytes(range(256)) * 40  # 10240 bytes: two blocks of 4096 and one of 2048
+    digests = block_digests(data, 4096)
+    assert len(digests) == 3 * f.DIGEST_SIZE
+    assert digests[:16] == xxhash.xxh3_128_digest(data[:4096])
+    assert digests[32:] == xxhash.xxh3_128_digest(data[8192:])
+    changed = block_digests(data[:5000] + b"x" + data[5001:], 4096)
+    assert changed[:16] == digests[:16] and changed[32:] == digests[32:]
+    assert changed[16:32] != digests[16:32]
+
+
+def test_encoder_refuses_out_of_bounds_checksum_requests() -> None:
+    with pytest.raises(ValueError, match="block size"):
+        encode(SumsAsk(1, 0, 0, 4096, 1000))
+    with pytest.raises(ValueError, match="in blocks of"):
+        encode(SumsAsk(1, 0, 0, (f.MAX_SUM_BLOCKS + 1) * 4096, 4096))
+    with pytest.raises(ValueError, match="digest bytes"):
+        encode(Sums(1, b"x" * 15))
 
 
 def test_encoder_refuses_inconsistent_records() -> None:
@@ -157,6 +185,28 @@ def _with_crc(ftype: int, body: bytes, flags: int = 0) -> bytes:
             "volume index",
         ),
         (_with_crc(FrameType.DATA, b"not zstd at all", FLAG_ZSTD), "zstd"),
+        (_with_crc(FrameType.SUMS_ASK, struct.pack(">QHQII", 1, 0, 0, 4096, 4095)), "block size"),
+        (_with_crc(FrameType.SUMS_ASK, struct.pack(">QHQII", 1, 0, 0, 4096, 1 << 25)), "block"),
+        (_with_crc(FrameType.SUMS_ASK, struct.pack(">QHQII", 1, 0, 0, 0, 4096)), "0 bytes"),
+        (
+            _with_crc(FrameType.SUMS_ASK, struct.pack(">QHQII", 1, 0, 0, (1 << 28) + 1, 4096)),
+            "in blocks of",
+        ),
+        (
+            _with_crc(FrameType.SUMS_ASK, struct.pack(">QHQII", 1, NO_VOLUME, 0, 4096, 4096)),
+            "volume index",
+        ),
+        (
+            _with_crc(FrameType.SUMS_ASK, struct.pack(">QHQII", 1, 0, 2**64 - 4096, 8192, 4096)),
+            "offset",
+        ),
+        (_with_crc(FrameType.SUMS_ASK, struct.pack(">QHQI", 1, 0, 0, 4096)), "ends early"),
+        (_with_crc(FrameType.SUMS, struct.pack(">QI", 1, 2) + b"\0" * 31), "2 digests in 31"),
+        (_with_crc(FrameType.SUMS, struct.pack(">QI", 1, 2) + b"\0" * 48), "2 digests in 48"),
+        (
+            _with_crc(FrameType.SUMS, struct.pack(">QI", 1, f.MAX_SUM_BLOCKS + 1)),
+            "digests in 0",
+        ),
     ],
 )
 def test_hostile_frames(wire: bytes, reason: str) -> None:
