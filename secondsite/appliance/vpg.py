@@ -39,7 +39,7 @@ from secondsite.appliance.config import CaptureMode, JournalSpec, VolumeSpec
 from secondsite.appliance.journal import Checkpoint, Journal, JournalConfig, RetentionPolicy
 from secondsite.appliance.journal.state import read_json, write_json_atomic
 from secondsite.appliance.nbd.file import FileExport
-from secondsite.appliance.qmp import QmpClient, QmpError, mirror_job_ready
+from secondsite.appliance.qmp import QmpClient, QmpError, mirror_event_state, mirror_job_ready
 from secondsite.appliance.resync import ResyncProgress, resync_in_path
 
 __all__ = [
@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 
 _RETENTION_PERIOD = 2.0
 _QMP_POLL = 0.5
+_QMP_CONFIRM_TIMEOUT = 2.0
+"""Seconds QEMU has to answer whether a mirror job is ready; then it counts as unreachable."""
 
 
 def retention_policy(spec: JournalSpec) -> RetentionPolicy:
@@ -235,50 +237,100 @@ unknown (None)."""
 class MirrorWatch:
     """Follows the QEMU mirror jobs writing to a VPG's mirror targets. All volumes of one QEMU
     share one connection: a QMP socket serves one client at a time, a second one is never
-    answered."""
+    answered.
+
+    QEMU's job events are applied as they arrive (a cancelled or failed job makes its volume
+    not synced at once); a poll every ``_QMP_POLL`` seconds is the backstop. :meth:`confirm`
+    asks every QEMU once more: when it returns, every event QEMU sent before answering has been
+    applied, so a cut marked right after it cannot vouch for a mirror that had stopped.
+    """
 
     def __init__(self, vpg: str, tasks: TaskSet, on_state: MirrorState) -> None:
         self.vpg = vpg
         self._tasks = tasks
         self._on_state = on_state
-        self._watched: dict[Path, list[tuple[VolumeRuntime, str]]] = {}
+        self._watched: dict[Path, _QmpWatch] = {}
 
     def watch(self, vol: VolumeRuntime, socket: Path, job: str) -> None:
-        targets = self._watched.get(socket)
-        if targets is None:
-            targets = self._watched[socket] = []
-            self._tasks.spawn(self._watch(socket, targets), f"qmp {socket}")
-        targets.append((vol, job))
+        watch = self._watched.get(socket)
+        if watch is None:
+            watch = self._watched[socket] = _QmpWatch(self.vpg, socket, self._on_state)
+            self._tasks.spawn(watch.run(), f"qmp {socket}")
+        watch.targets.append((vol, job))
 
     def clear(self) -> None:
         self._watched.clear()
 
-    async def _watch(self, socket: Path, targets: list[tuple[VolumeRuntime, str]]) -> None:
-        client: QmpClient | None = None
+    async def confirm(self) -> None:
+        """Ask every watched QEMU for its jobs now and apply the answers (and every event sent
+        before them)."""
+        await asyncio.gather(*(w.poll(connect=False) for w in list(self._watched.values())))
+
+
+class _QmpWatch:
+    """The mirror jobs behind one QMP socket: one connection, its events, and polls."""
+
+    def __init__(self, vpg: str, socket: Path, on_state: MirrorState) -> None:
+        self.vpg = vpg
+        self.socket = socket
+        self.targets: list[tuple[VolumeRuntime, str]] = []
+        self._on_state = on_state
+        self._client: QmpClient | None = None
+        self._events = 0
+        """Events applied so far: a poll answer older than the newest event is not applied."""
+        self._connecting = asyncio.Lock()
+
+    def _event(self, event: dict[str, Any]) -> None:
+        for vol, job in list(self.targets):
+            said = mirror_event_state(event, job)
+            if said is not None:
+                self._events += 1
+                log.info(
+                    "vpg=%s volume=%s event=qmp-job-event qmp=%s job=%s ready=%s",
+                    self.vpg,
+                    vol.spec.name,
+                    event.get("event"),
+                    job,
+                    said[0],
+                )
+                self._on_state(vol, *said)
+
+    async def poll(self, *, connect: bool = True) -> None:
+        """Ask QEMU whether each job is ready (connecting first if needed and ``connect``) and
+        apply it; without QEMU's word, every volume is marked not synced."""
+        try:
+            async with self._connecting:
+                if self._client is None and connect:
+                    self._client = await QmpClient.connect(self.socket)
+                    self._client.add_listener(self._event)
+            client = self._client
+            if client is None:
+                return  # not connected: the volumes are marked not synced already
+            for vol, job in list(self.targets):
+                seen = self._events
+                ready = await mirror_job_ready(client, job, timeout=_QMP_CONFIRM_TIMEOUT)
+                if self._events != seen:
+                    continue  # an event about the jobs came meanwhile: newer than this answer
+                why = f"mirror job {job} " + ("not ready" if ready is False else "not found")
+                self._on_state(vol, ready, why)
+        except QmpError as e:
+            if self._client is not None:
+                client, self._client = self._client, None
+                await client.close()
+            log.debug("vpg=%s event=qmp-error socket=%s error=%s", self.vpg, self.socket, e)
+            # Without QEMU's word the mirror cannot be vouched for: QEMU may have
+            # stopped, or restarted and be writing before a new mirror job is ready.
+            for vol, _ in list(self.targets):
+                self._on_state(vol, None, f"QMP unreachable: {e}")
+
+    async def run(self) -> None:
         try:
             while True:
-                try:
-                    if client is None:
-                        client = await QmpClient.connect(socket)
-                    for vol, job in list(targets):
-                        ready = await mirror_job_ready(client, job)
-                        why = f"mirror job {job} " + (
-                            "not ready" if ready is False else "not found"
-                        )
-                        self._on_state(vol, ready, why)
-                except QmpError as e:
-                    if client is not None:
-                        await client.close()
-                        client = None
-                    log.debug("vpg=%s event=qmp-error socket=%s error=%s", self.vpg, socket, e)
-                    # Without QEMU's word the mirror cannot be vouched for: QEMU may have
-                    # stopped, or restarted and be writing before a new mirror job is ready.
-                    for vol, _ in list(targets):
-                        self._on_state(vol, None, f"QMP unreachable: {e}")
+                await self.poll()
                 await asyncio.sleep(_QMP_POLL)
         finally:
-            if client is not None:
-                await client.close()
+            if self._client is not None:
+                await self._client.close()
 
 
 def mirror_sync_state(ready: bool | None) -> SyncState:
@@ -610,6 +662,7 @@ class VpgRuntime(CapturedVolumes, JournaledVpg):
 
     async def _cut(self, tag: str | None) -> Checkpoint:
         assert self.journal is not None
+        await self._mirrors.confirm()  # a mirror job stopped just now must not be vouched for
         return await self.journal.checkpoint(tag=tag, consistent=self.consistent)
 
     def _housekeeping(self) -> None:
