@@ -21,10 +21,15 @@ the replicated run only by the stream.
    that the recovery side has not acknowledged durable (what a loss of the protected site at
    that moment would lose), sampled every 20 ms: p50 / p99 / max (target p99 <= 1 s at 50
    MB/s); and the recovery side's checkpoint RPO (now minus the newest durable checkpoint,
-   which adds up to one checkpoint interval of 0.5 s).
+   which adds up to one checkpoint interval of 0.5 s); the bytes the recovery appliance wrote to
+   storage per byte written (its journal, and zeros written ahead into spare segments), and how
+   often the protected buffer overflowed into bitmap sync (whose RPO is the age of the sync).
 3. Checkpoint holds across two protected appliances feeding one journal, both loaded at 25 MB/s,
    checkpoints every 0.2 s: how long each appliance held its acks (p50 / p99 / max, target p99 <=
-   20 ms), and how long the recovery side's cut took from HOLD to the checkpoint marked.
+   20 ms), and how long the recovery side's cut took from HOLD to the checkpoint marked. A hold
+   waits for a wake-up of each of the three processes; the baseline is how late the scheduler
+   wakes a process that only sleeps 1 ms at a time, measured meanwhile (on a loaded machine its
+   tail, not the protocol, dominates the holds' tail).
 4. Compression: ``nbdcopy`` of a compressible (text-like) and of an incompressible (random) file
    to a protected volume, for each `compression` of the protected VPG (none, zstd, adaptive):
    bytes on the wire per byte written (the stream's counters), and the process CPU seconds
@@ -122,6 +127,14 @@ def cpu_seconds(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def disk_written(pid: int) -> int:
+    """Bytes process ``pid`` caused to be written to storage so far (``/proc/<pid>/io``)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("write_bytes:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no write_bytes in /proc/{pid}/io")
 
 
 @contextlib.contextmanager
@@ -317,11 +330,13 @@ async def rpo(
 
             lag_task = asyncio.create_task(sample(prot, lag, stop))
             rpo_task = asyncio.create_task(sample(recovery, cp_rpo, stop, 0.05))
-            t0 = time.monotonic()
+            t0, disk0 = time.monotonic(), disk_written(recovery.pid)
             written = await paced_load(prot, "vol0", size, rate * 1e6, seconds, stop)
             elapsed = time.monotonic() - t0
             stop.set()
             lags, rpos = await lag_task, await rpo_task
+            disk = disk_written(recovery.pid) - disk0
+            spills = (await prot.protected_status(VPG)).buffer.spills
         shutil.rmtree(rep_dir, ignore_errors=True)
         lp, cp = pcts(lags), pcts(rpos)
         rows.append(
@@ -333,12 +348,34 @@ async def rpo(
                 f"{lp[2] * 1e3:.0f}",
                 f"{cp[0] * 1e3:.0f}",
                 f"{cp[1] * 1e3:.0f}",
+                f"{disk / written:.2f}",
+                f"{spills}",
             ]
         )
     return rows
 
 
 # -- 3. holds across two protected appliances ----------------------------------------------------
+
+
+WAKEUP_PROBE = """
+import sys, time
+end, late = time.monotonic() + float(sys.argv[1]), []
+while time.monotonic() < end and len(late) < 100_000:
+    t = time.monotonic()
+    time.sleep(0.001)
+    late.append(time.monotonic() - t - 0.001)
+late.sort()
+print(len(late), late[len(late) // 2], late[int(0.99 * len(late))], late[-1])
+"""
+"""Oversleep of a process that only sleeps 1 ms at a time: how late the scheduler wakes up a
+process while the machine is loaded (a hold needs a wake-up in each of three processes)."""
+
+
+def ms_row(what: str, h: dict[str, float]) -> list[str]:
+    return [what, f"{h.get('count', 0):.0f}"] + [
+        f"{h.get(k, 0):.2f}" for k in ("p50_ms", "p99_ms", "max_ms")
+    ]
 
 
 async def holds(workdir: Path, pki: Pki, size: int, seconds: float) -> list[list[str]]:
@@ -354,25 +391,25 @@ async def holds(workdir: Path, pki: Pki, size: int, seconds: float) -> list[list
         await synced(a)
         await synced(b)
         stop = asyncio.Event()
+        probe = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", WAKEUP_PROBE, str(seconds), stdout=subprocess.PIPE
+        )
         await asyncio.gather(
             paced_load(a, "vol0", size, 25e6, seconds, stop),
             paced_load(b, "vol1", size, 25e6, seconds, stop),
         )
+        out, _ = await probe.communicate()
         sa, sb = await a.protected_status(VPG), await b.protected_status(VPG)
         rec = await recovery.vpg_status(VPG)
     shutil.rmtree(rep_dir, ignore_errors=True)
-    rows = []
-    for who, h in (("prot-a acks held", sa.hold_ms), ("prot-b acks held", sb.hold_ms)):
-        rows.append(
-            [who, f"{h.get('count', 0):.0f}", f"{h.get('p50_ms', 0):.2f}",
-             f"{h.get('p99_ms', 0):.2f}", f"{h.get('max_ms', 0):.2f}"]
-        )  # fmt: skip
-    h = rec.hold_ms
-    rows.append(
-        ["recovery cut (HOLD to marked)", f"{h.get('count', 0):.0f}", f"{h.get('p50_ms', 0):.2f}",
-         f"{h.get('p99_ms', 0):.2f}", f"{h.get('max_ms', 0):.2f}"]
-    )  # fmt: skip
-    return rows
+    count, p50, p99, most = (float(x) for x in out.split())
+    wakeup = {"count": count, "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3, "max_ms": most * 1e3}
+    return [
+        ms_row("prot-a acks held", sa.hold_ms),
+        ms_row("prot-b acks held", sb.hold_ms),
+        ms_row("recovery cut (HOLD to marked)", rec.hold_ms),
+        ms_row("baseline: wake-up delay of a sleeper", wakeup),
+    ]
 
 
 # -- 4. compression -------------------------------------------------------------------------------
@@ -446,7 +483,7 @@ async def run(args: argparse.Namespace) -> None:
             table(
                 "RPO under paced writes (256 KiB, 4 in flight): replication lag and checkpoint RPO",
                 ["target MB/s", "got MB/s", "lag p50 ms", "lag p99 ms", "lag max ms",
-                 "cp RPO p50 ms", "cp RPO p99 ms"],
+                 "cp RPO p50 ms", "cp RPO p99 ms", "rec. disk/written", "spills"],
                 rows,
             )  # fmt: skip
         if "holds" in args.only:
