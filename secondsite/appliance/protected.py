@@ -137,8 +137,8 @@ _SHIP_BATCH: Final = 16 << 20
 _MAX_ZERO: Final = 1 << 30
 _ZEROES: Final = bytes(SHIP_CHUNK)
 _DRAIN_SECONDS: Final = 10.0
-_CAPTURE_STATE: Final = "capture-state.json"
 """At a clean stop, how long to wait for the recovery side to acknowledge the buffer."""
+_CAPTURE_STATE: Final = "capture-state.json"
 _RATE_PERIOD: Final = 1.0
 INTENT_REGION: Final = 1 << 20
 """Bytes per byte of an in-path volume's intent map (:class:`IntentMap`)."""

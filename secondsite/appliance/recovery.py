@@ -36,7 +36,6 @@ import asyncio
 import collections
 import dataclasses
 import functools
-import inspect
 import logging
 import time
 from collections.abc import Awaitable, Mapping, Sequence
@@ -327,22 +326,6 @@ class JournalSink:
         return any(self._backlog.values())
 
 
-_MARK_TAKES_TIME: Final = "time_ns" in inspect.signature(Journal.mark_checkpoint).parameters
-
-
-def _mark_checkpoint(
-    journal: Journal, tag: str | None, consistent: bool, time_ns: int
-) -> tuple[Checkpoint, Awaitable[None]]:
-    """Mark a checkpoint dated ``time_ns`` when the journal takes a time (else it is dated now,
-    which may be later than the cut by the stream's backlog: RPO and ack-time checks then err on
-    the optimistic side)."""
-    if _MARK_TAKES_TIME:
-        marker: Any = journal.mark_checkpoint
-        cp, pending = marker(tag, consistent, time_ns=time_ns)
-        return cp, pending
-    return journal.mark_checkpoint(tag, consistent)
-
-
 def _chain(done: asyncio.Future[Any], target: asyncio.Future[None]) -> None:
     if target.done():
         return
@@ -410,7 +393,7 @@ class RecoveryVpg(JournaledVpg):
                 sink.sources[src].consistent = consistent
                 sink.sources[src].state = state
             consistent = all(c for c, _ in verdicts.values())
-            marked.append(_mark_checkpoint(journal, tag, consistent, held_at))
+            marked.append(journal.mark_checkpoint(tag, consistent, time_ns=held_at))
 
         missing = sorted(set(self.spec.sources) - set(self.connected()))
         if missing:

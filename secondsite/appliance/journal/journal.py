@@ -206,6 +206,8 @@ class Journal:
         self._state: dict[str, Any] = {}
         self._next_seq = 1
         self._next_cid = 1
+        self._last_mark_ns = 0
+        """Time of the newest checkpoint marked (its record may not be durable yet)."""
         self._durable_seq = 0
         self._promoted_seq = 0
         self._active_segno = 0
@@ -918,13 +920,24 @@ class Journal:
         }
 
     def mark_checkpoint(
-        self, tag: str | None = None, consistent: bool = True
+        self, tag: str | None = None, consistent: bool = True, *, time_ns: int | None = None
     ) -> tuple[Checkpoint, PendingAppend]:
-        """Synchronously mark a checkpoint after every record submitted so far."""
+        """Synchronously mark a checkpoint after every record submitted so far, dated
+        ``time_ns`` (default: now), e.g. when the hold of a cut across appliances started, which
+        is earlier than the moment the cut reaches the journal. The date is kept between the
+        newest checkpoint's and now, so checkpoint times never go backwards."""
         self._check_open()
         if tag == "":
             raise ValueError("a checkpoint tag must not be empty")
-        cp = Checkpoint(self._next_cid, self._next_seq, time.time_ns(), tag, consistent)
+        now = time.time_ns()
+        newest = self.checkpoints.newest()
+        when = max(
+            now if time_ns is None else min(time_ns, now),
+            self._last_mark_ns,
+            0 if newest is None else newest.time_ns,
+        )
+        self._last_mark_ns = when
+        cp = Checkpoint(self._next_cid, self._next_seq, when, tag, consistent)
         payload = encode_checkpoint(CheckpointPayload(cp.id, consistent, tag))
         self._next_cid += 1
         q = self._submit(RecordType.CHECKPOINT, NO_VOLUME, 0, 0, payload, checkpoint=cp)

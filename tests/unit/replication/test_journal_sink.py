@@ -1,9 +1,11 @@
 """The recovery side's sink: records of several sources into one journal, positions durable with
-them, marks read for consistency, refusals; and the protected side's ack gate and mark payload."""
+them, marks read for consistency, refusals, block checksums of the journal's latest view, cuts
+dated when held; and the protected side's ack gate and mark payload."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from secondsite.appliance.journal import Journal, JournalConfig
 from secondsite.appliance.protected import AckGate, mark_payload, parse_mark
 from secondsite.appliance.recovery import JournalSink
 from secondsite.appliance.stream import NO_VOLUME, Op, Record, SinkError, SinkRefused, VolumeEntry
+from secondsite.appliance.stream.frames import block_digests
 
 KiB = 1024
 
@@ -110,3 +113,47 @@ async def test_ack_gate_holds_only_writes_submitted_during_a_hold() -> None:
     assert not gate.held and len(gate.hold_seconds) == 1
     gate.open(3)  # a release of an unknown hold changes nothing
     await gate.passage()
+
+
+async def test_checksums_are_of_the_latest_durable_view(tmp_path: Path) -> None:
+    journal = await open_journal(tmp_path)
+    sink = await attached(journal)
+    await asyncio.wait_for(sink.submit("prot-a", write(101, 0, 12 * KiB, b"y" * 8192)), 5)
+    image = bytearray(64 * KiB)
+    image[0:4096] = b"x" * 4096
+    image[12 * KiB : 20 * KiB] = b"y" * 8192
+    # Concurrent requests (one shared view of the volume), each of its own range.
+    whole, tail = await asyncio.gather(
+        sink.checksums("prot-a", 0, 0, 64 * KiB, 4096),
+        sink.checksums("prot-a", 0, 60 * KiB, 4 * KiB, 4096),
+    )
+    assert whole == block_digests(image, 4096)
+    assert tail == block_digests(bytes(4096), 4096)
+    assert await sink.checksums("prot-b", 0, 0, 64 * KiB, 16 * KiB) == block_digests(
+        bytes(64 * KiB), 16 * KiB
+    )
+    with pytest.raises(SinkError, match="no volume index 3"):
+        await sink.checksums("prot-a", 3, 0, 4096, 4096)
+    # No view stays open to pin the journal once the answers are out.
+    cp = await journal.checkpoint()
+    await journal.promote(cp)
+    assert journal.promoted_seq >= cp.seq
+    await journal.close()
+
+
+async def test_a_checkpoint_is_dated_when_its_cut_was_held(tmp_path: Path) -> None:
+    journal = await open_journal(tmp_path)
+    now = time.time_ns()
+    held, _ = journal.mark_checkpoint(time_ns=now - 2_000_000_000)
+    assert held.time_ns == now - 2_000_000_000
+    # Never before the newest checkpoint, never in the future.
+    earlier, _ = journal.mark_checkpoint(time_ns=now - 5_000_000_000)
+    assert earlier.time_ns == held.time_ns
+    future, pending = journal.mark_checkpoint(time_ns=now + 60_000_000_000)
+    assert held.time_ns <= future.time_ns <= time.time_ns()
+    await pending
+    await journal.close()
+    journal = await open_journal(tmp_path)
+    undated, _ = journal.mark_checkpoint()
+    assert undated.time_ns >= future.time_ns
+    await journal.close()
