@@ -119,6 +119,8 @@ def make_source(path: Path, kind: str, size: int) -> Path:
     with open(path, "wb") as f:
         for _ in range(size // (16 * MiB)):
             f.write(pool if pool else os.urandom(16 * MiB))
+        f.flush()
+        os.fsync(f.fileno())  # written back now, not while a measured run writes
     return path
 
 
