@@ -177,6 +177,8 @@ class ApplianceProcess:
         self.log_file = workdir / "appliance.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self.prefix: list[str] = []
+        """Runs the appliance through this command, e.g. `ip netns exec NS` (which execs it)."""
 
     def start(self, timeout: float = 30) -> None:
         assert self.proc is None or self.proc.poll() is not None, "already running"
@@ -185,8 +187,8 @@ class ApplianceProcess:
             log.write(f"--- start {self.starts}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "secondsite", "appliance", "--config", self.config_file,
-                 "--ready-file", self.ready_file],
+                [*self.prefix, sys.executable, "-m", "secondsite", "appliance", "--config",
+                 self.config_file, "--ready-file", self.ready_file],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

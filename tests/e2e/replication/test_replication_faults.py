@@ -44,6 +44,16 @@ from replication_harness import (
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stream"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "control"))
 from control_harness import exchange
+from fault_scenario import (
+    VOLUMES,
+    VPG,
+    backing,
+    converge_after_restart,
+    protected_state,
+    rpo_back,
+    start_load,
+    start_pair,
+)
 from stream_harness import FaultProxy
 
 from secondsite.appliance.control import ControlClient, UnauthorizedError
@@ -52,84 +62,6 @@ from secondsite.appliance.stream import client_context
 from secondsite.appliance.stream import frames as f
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow, requires_peers, pytest.mark.timeout(300)]
-
-VPG = "db"
-VOLUMES = {"vol0": 48 * MiB, "vol1": 16 * MiB}
-RPO_ALERT = 5.0
-
-
-def backing(workdir: Path) -> dict[str, Path]:
-    return {v: workdir / f"{v}.img" for v in VOLUMES}
-
-
-async def rpo_back(recovery: Node, protected: Node, timeout: float = 30) -> float:
-    """Wait until both sides report the VPG Protected with an RPO under the alert."""
-
-    async def ok() -> float | None:
-        rec = await recovery.vpg_status(VPG)
-        prot = await protected.protected_status(VPG)
-        fine = (
-            rec.state == "Protected"
-            and prot.state == "Protected"
-            and rec.rpo_seconds is not None
-            and rec.rpo_seconds < RPO_ALERT
-            and prot.rpo_seconds < RPO_ALERT
-            and rec.newest_checkpoint is not None
-            and rec.newest_checkpoint.consistent
-        )
-        return rec.rpo_seconds if fine else None
-
-    rpo: float = await eventually(ok, timeout, "RPO back under the alert")
-    return rpo
-
-
-async def start_load(prot: Node, pause: float = 0.002, settle: float = 2.0) -> Writer:
-    """The write load on ``prot``, running for ``settle`` seconds already."""
-    writer = Writer(prot, VOLUMES, depth=2, pause=pause)
-    writer.start()
-    await asyncio.sleep(settle)
-    return writer
-
-
-async def converge_after_restart(
-    workdir: Path, recovery: Node, prot: Node, writer: Writer
-) -> tuple[float, float]:
-    """After an unclean restart of ``prot``: it resyncs, the load goes on for a while and stops;
-    then the replica converges and the RPO comes back. Returns the seconds to converge after the
-    load and the RPO."""
-    prot.wait_log("state=DeltaSync", timeout=20)
-    await asyncio.sleep(2.0)
-    await writer.stop()
-    assert writer.reconnects >= 1
-    took = await wait_identical(backing(workdir), recovery, timeout=90)
-    return took, await rpo_back(recovery, prot)
-
-
-async def start_pair(
-    workdir: Path,
-    pki: Pki | None,
-    nodes: list[Node],
-    interval: float = 0.5,
-    via: FaultProxy | None = None,
-) -> tuple[Node, Node, int]:
-    """A recovery and a protected appliance (plain TCP without a ``pki``), the stream through
-    the proxy ``via`` if given, once the initial sync is done."""
-    port = free_port()
-    recovery = recovery_node(
-        workdir, pki, port, VPG, ["prot-a"], checkpointIntervalSeconds=interval
-    )
-    target = port
-    if via is not None:
-        via.upstream = ("127.0.0.1", port)
-        _, target = await via.start()
-    prot = protected_node(
-        workdir, pki, "prot-a", port, VPG, VOLUMES, recovery=f"127.0.0.1:{target}"
-    )
-    nodes += [recovery, prot]
-    recovery.start()
-    prot.start()
-    await wait_identical(backing(workdir), recovery, timeout=30)
-    return recovery, prot, port
 
 
 async def test_link_cut_and_stalled_under_load(workdir: Path, pki: Pki, nodes: list[Node]) -> None:
@@ -155,7 +87,9 @@ async def test_link_cut_and_stalled_under_load(workdir: Path, pki: Pki, nodes: l
         assert proxy.drop() >= 1
         before = writer.acked
         await eventually(
-            lambda: _state(prot, "Disconnected"), 15, "the protected side to notice the cut"
+            lambda: protected_state(prot, "Disconnected"),
+            15,
+            "the protected side to notice the cut",
         )
         await asyncio.sleep(2.0)
         assert writer.acked > before, "writes stopped while the link was down"
@@ -165,7 +99,9 @@ async def test_link_cut_and_stalled_under_load(workdir: Path, pki: Pki, nodes: l
 
         # Stall: nothing passes either way and nothing is closed (the sender's peer timeout
         # has to find out), then traffic flows again.
-        await eventually(lambda: _state(prot, "Protected"), 30, "reconnection after the cut")
+        await eventually(
+            lambda: protected_state(prot, "Protected"), 30, "reconnection after the cut"
+        )
         proxy.stall()
         await asyncio.sleep(7.0)
         prot_status = await prot.protected_status(VPG)
@@ -287,7 +223,7 @@ async def test_tiny_buffer_falls_back_to_bitmap_sync(
     await wait_identical(backing(workdir), recovery, timeout=60)
     writer = Writer(prot, VOLUMES, depth=2, pause=0.001, region=8 * MiB)
     writer.start()
-    status = await eventually(lambda: _state(prot, "BitmapSync"), 20, "bitmap sync")
+    status = await eventually(lambda: protected_state(prot, "BitmapSync"), 20, "bitmap sync")
     assert status.buffer.spills >= 1
     assert any((v.dirty_bytes or 0) > 0 for v in status.volumes.values())
     await asyncio.sleep(3.0)
@@ -307,11 +243,6 @@ async def test_tiny_buffer_falls_back_to_bitmap_sync(
     )
     prot.stop()
     recovery.stop()
-
-
-async def _state(node: Node, state: str) -> object:
-    st = await node.protected_status(VPG)
-    return st if st.state == state else None
 
 
 async def test_both_appliances_killed_at_once_under_load(
