@@ -102,6 +102,7 @@ from secondsite.appliance.stream import (
     client_context,
     tcp_connector,
 )
+from secondsite.appliance.stream.buffer import index_runs
 from secondsite.appliance.stream.frames import DIGEST_SIZE, block_digests
 from secondsite.appliance.vpg import (
     CapturedVolumes,
@@ -292,10 +293,7 @@ class IntentMap:
         if not idx.size:
             return 0
         self._set[idx] = False
-        breaks = np.flatnonzero(np.diff(idx) != 1)
-        starts = np.concatenate((idx[:1], idx[breaks + 1]))
-        ends = np.concatenate((idx[breaks], idx[-1:])) + 1
-        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+        for a, b in index_runs(idx):
             os.pwrite(self._fd, bytes(b - a), a)
         return int(idx.size)
 
@@ -639,6 +637,8 @@ class ProtectedVpg(CapturedVolumes):
         whose write did not fit falls back. So do they while a checkpoint mark waits to be
         sent (the recovery side has its MARKED: dropping the mark would fail the cut)."""
         spilled = 0
+        # The oldest change not acknowledged yet: where the RPO of the sync that follows starts.
+        oldest = time.time() - self.buffer.lag_seconds()
         if all(s.in_path for s in self._sides.values()) and not self._mark_unsent():
             maps = {s.index: s.dirty for s in self._sides.values() if s.dirty is not None}
             stats = self.buffer.spill(maps)
@@ -655,6 +655,7 @@ class ProtectedVpg(CapturedVolumes):
                 switched.append(s.vol.spec.name)
                 if s.vol.state is SyncState.PROTECTED:
                     self._begin_sync(s, SyncState.BITMAP_SYNC, "protected buffer full")
+                    s.syncing_since = oldest
         log.log(
             logging.WARNING if switched else logging.DEBUG,
             "vpg=%s event=buffer-overflow to_bitmap=%s spilled_records=%d",
@@ -1102,13 +1103,7 @@ def _differing(local: bytes, remote: bytes, block: int, length: int) -> list[tup
     a = np.frombuffer(local, dtype=np.uint64).reshape(-1, DIGEST_SIZE // 8)
     b = np.frombuffer(remote, dtype=np.uint64).reshape(-1, DIGEST_SIZE // 8)
     idx = np.flatnonzero((a != b).any(axis=1))
-    breaks = np.flatnonzero(np.diff(idx) != 1)
-    starts = np.concatenate((idx[:1], idx[breaks + 1]))
-    ends = np.concatenate((idx[breaks], idx[-1:])) + 1
-    return [
-        (int(s) * block, min(int(e) * block, length))
-        for s, e in zip(starts.tolist(), ends.tolist(), strict=True)
-    ]
+    return [(s * block, min(e * block, length)) for s, e in index_runs(idx)]
 
 
 def _percentiles(samples: list[float]) -> dict[str, float]:

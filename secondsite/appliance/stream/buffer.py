@@ -31,12 +31,29 @@ import numpy.typing as npt
 
 from .frames import NO_VOLUME, Op, Record
 
-__all__ = ["RECORD_OVERHEAD", "BufferFull", "DirtyMap", "ProtectedBuffer", "SpillStats"]
+__all__ = [
+    "RECORD_OVERHEAD",
+    "BufferFull",
+    "DirtyMap",
+    "ProtectedBuffer",
+    "SpillStats",
+    "index_runs",
+]
 
 RECORD_OVERHEAD: Final = 64
 """Bytes charged per record on top of its payload, so that many small records are bounded too."""
 _MAX_EXTENT: Final = 1 << 30
 """ZERO and TRIM records longer than this are split (the wire length field is 32 bits)."""
+
+
+def index_runs(idx: npt.NDArray[np.intp]) -> list[tuple[int, int]]:
+    """Runs of consecutive indexes in the sorted ``idx``, as (first, last + 1)."""
+    if not idx.size:
+        return []
+    breaks = np.flatnonzero(np.diff(idx) != 1)
+    starts = np.concatenate((idx[:1], idx[breaks + 1]))
+    ends = np.concatenate((idx[breaks], idx[-1:])) + 1
+    return list(zip(starts.tolist(), ends.tolist(), strict=True))
 
 
 class BufferFull(Exception):
@@ -339,16 +356,8 @@ class DirtyMap:
         return self._runs(np.flatnonzero(self._map))
 
     def _runs(self, idx: npt.NDArray[np.intp]) -> list[tuple[int, int]]:
-        if not idx.size:
-            return []
-        breaks = np.flatnonzero(np.diff(idx) != 1)
-        starts = np.concatenate((idx[:1], idx[breaks + 1]))
-        ends = np.concatenate((idx[breaks], idx[-1:])) + 1
         r = self.region_size
-        return [
-            (int(s) * r, min(int(e) * r, self.size) - int(s) * r)
-            for s, e in zip(starts, ends, strict=True)
-        ]
+        return [(s * r, min(e * r, self.size) - s * r) for s, e in index_runs(idx)]
 
     def take_batch(self, max_bytes: int, scan_regions: int = 1 << 16) -> list[tuple[int, int]]:
         """Up to ``max_bytes`` (at least one region) of dirty ranges, clearing them. Resumes where

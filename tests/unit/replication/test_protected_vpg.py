@@ -216,7 +216,7 @@ async def test_unclean_stop_resyncs_only_the_regions_in_flight(rig: Rig, tmp_pat
     assert vol.state is SyncState.DELTA_SYNC
     assert vol.progress is not None and vol.progress.total_bytes == 2 * MiB
     assert "delta sync of 2 MiB" in vol.reason
-    await until(lambda: vol.synced, 10)
+    await until(lambda: vol.synced, 30)
     assert bytes(rig.sink.state.images["d0"]) == backing.read_bytes()
     # Compared with the recovery side's checksums: only the two writes it missed were shipped.
     assert vol.progress.done_bytes == 2 * MiB
