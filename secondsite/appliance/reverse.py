@@ -28,6 +28,7 @@ from pathlib import Path
 from secondsite.appliance.config import (
     ApplianceConfig,
     CaptureMode,
+    InitialSync,
     JournalSpec,
     ProtectedVpgSpec,
     VolumeSpec,
@@ -169,7 +170,10 @@ def _recovery_to_protected(
         for name, path in sorted(recovered.replicas.items())
     ]
     protected = ProtectedVpgSpec(
-        vpg=vpg, recovery=peer_stream, directory=directory or journal.directory
+        vpg=vpg,
+        recovery=peer_stream,
+        directory=directory or journal.directory,
+        initial_sync=InitialSync.DELTA,
     )
     reversed_config = config.model_copy(
         update={

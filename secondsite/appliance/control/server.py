@@ -29,10 +29,11 @@ Routes (every `/v1` route needs `Authorization: Bearer <token>`, and a client ce
 Reverse (reverse protection, failback; see `secondsite.appliance.reverse`): called on both
 appliances of a VPG after a failover was committed on the recovery one. On the recovery appliance
 (body: the peer's `peer` name and `peerStream` address) the journal goes and its replicas become
-in-path volumes streamed to the peer; on the protected one (body: the peer's `peer` name) the
-volumes stop being served and their backing files become the replicas of a journal fed by the
-peer. The reversed config is applied like a `PUT /v1/config`; 409 `cannot-reverse` says why a VPG
-cannot be reversed (no committed failover, a promotion not committed, mirror targets, ...).
+in-path volumes streamed to the peer (a delta sync first: only blocks that differ); on the
+protected one (body: the peer's `peer` name) the volumes stop being served and their backing
+files become the replicas of a journal fed by the peer. The reversed config is applied like a
+`PUT /v1/config`; 409 `cannot-reverse` says why a VPG cannot be reversed (no committed failover,
+a promotion not committed, mirror targets, ...).
 
 `force-sync` (on the protected appliance) starts a delta sync by block checksums of every
 in-path volume of the VPG (409 nothing-to-sync when it has none: mirror targets are QEMU's to

@@ -142,10 +142,15 @@ async def test_reverse_protection_and_failback(workdir: Path, pki: Pki, nodes: l
     source = (await p.vpg_status(VPG)).replication
     assert source is not None
     shipped = source.sources["recovery"].payload_bytes
+    delta = (await r.protected_status(VPG)).volumes["disk"].delta_sync
+    assert delta is not None and not delta.running and delta.compared_bytes == SIZE
     print(
         f"[reverse] P's latest image equals R's disk {took:.2f} s after the writes; "
-        f"payload bytes shipped R -> P: {shipped} ({shipped / SIZE:.2%} of the volume)"
+        f"payload bytes shipped R -> P: {shipped} ({shipped / SIZE:.2%} of the volume), of "
+        f"which delta sync {delta.shipped_bytes}"
     )
+    # Delta sync: the replicas on P held the data already; only the writes on R travel.
+    assert shipped < SIZE // 8
 
     # 5. Failback: promote and commit on P, reverse both again; the original direction works.
     await fail_over(p, "failback")
@@ -162,5 +167,10 @@ async def test_reverse_protection_and_failback(workdir: Path, pki: Pki, nodes: l
     await wait_streaming(p, r)
     await asyncio.to_thread(qemu_io, p.uri("disk"), "write -P 0xc3 30M 3M")
     await wait_identical({"disk": p_disk}, r, timeout=60)
+    back = (await r.vpg_status(VPG)).replication
+    assert back is not None
+    shipped = back.sources["prot-a"].payload_bytes
+    print(f"[failback] payload bytes shipped P -> R: {shipped} ({shipped / SIZE:.2%})")
+    assert shipped < SIZE // 8
     p.stop()
     r.stop()

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from secondsite.appliance.config import ApplianceConfig, CaptureMode
+from secondsite.appliance.config import ApplianceConfig, CaptureMode, InitialSync
 from secondsite.appliance.control.errors import ReverseRefused, UnknownVpgError
 from secondsite.appliance.journal import Journal, JournalConfig
 from secondsite.appliance.recovery import JournalSink
@@ -69,6 +69,7 @@ def test_the_recovery_side_serves_its_replicas_and_streams_them_back() -> None:
     assert config.journals == []
     spec = config.protected_for("db")
     assert spec.recovery == P_STREAM and spec.directory == Path("/data/db")
+    assert spec.initial_sync is InitialSync.DELTA  # the peer's replicas hold most of the data
     vols = {v.name: v for v in config.volumes_of("db")}
     assert {n: (v.capture, v.backing) for n, v in vols.items()} == {
         n: (CaptureMode.IN_PATH, p) for n, p in REPLICAS.items()
@@ -104,7 +105,9 @@ def test_failback_returns_both_appliances_to_their_original_configs() -> None:
         p1, "db", peer="site-b", peer_stream=R_STREAM, recovered=RecoveredVpg(None, 7, backings)
     ).config
     r2 = plan_reverse(r1, "db", peer="site-a").config
-    assert p2.protected == p0.protected
+    (spec,) = p2.protected
+    assert spec.initial_sync is InitialSync.DELTA
+    assert spec.model_copy(update={"initial_sync": InitialSync.FULL}) == p0.protected[0]
     assert sorted(p2.volumes, key=lambda v: v.name) == sorted(p0.volumes, key=lambda v: v.name)
     assert p2.journals == p0.journals
     (journal,) = r2.journals
