@@ -14,8 +14,10 @@ appliance's replica holds an older copy of it, in which ``--changed-percent`` of
 
 Both go through a TCP proxy of this script's that counts the bytes on the wire, both ways. Printed:
 seconds, wire bytes, and the ratios delta / baseline. Files are on the disk under ``--dir`` and are
-read through the page cache as they are (caches are dropped before each run when ``/proc/sys/vm/
-drop_caches`` is writable, i.e. as root; the output says which).
+read through the page cache (dropped before each run when ``/proc/sys/vm/drop_caches`` is writable,
+i.e. as root, unless ``--keep-caches``; the output says which). Here the source, the replica and
+the nbdcopy target share one disk: the delta sync reads the volume twice from it (source and
+replica), nbdcopy once (its writes land in the page cache).
 """
 
 from __future__ import annotations
@@ -136,8 +138,10 @@ def scatter(path: Path, size: int, percent: float, seed: int) -> int:
     return len(chosen) * BLOCK
 
 
-def drop_caches() -> bool:
+def drop_caches(keep: bool) -> bool:
     os.sync()
+    if keep:
+        return False
     try:
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
     except OSError:
@@ -145,7 +149,7 @@ def drop_caches() -> bool:
     return True
 
 
-async def delta_run(work: Path, size: int, source: Path) -> dict[str, float]:
+async def delta_run(work: Path, size: int, source: Path, keep: bool) -> dict[str, float]:
     (work / "pki").mkdir()
     pki = make_pki(work / "pki", ("recovery", "prot-a"))
     port = free_port()
@@ -159,7 +163,7 @@ async def delta_run(work: Path, size: int, source: Path) -> dict[str, float]:
         nodes.append(prot)
         try:
             recovery.start()
-            dropped = drop_caches()
+            dropped = drop_caches(keep)
             started = time.monotonic()
             prot.start()
 
@@ -191,7 +195,7 @@ async def delta_run(work: Path, size: int, source: Path) -> dict[str, float]:
                 node.close()
 
 
-async def nbdcopy_run(work: Path, size: int, source: Path) -> dict[str, float]:
+async def nbdcopy_run(work: Path, size: int, source: Path, keep: bool) -> dict[str, float]:
     target = work / "target.img"
     with open(target, "wb") as f:
         f.truncate(size)
@@ -209,7 +213,7 @@ async def nbdcopy_run(work: Path, size: int, source: Path) -> dict[str, float]:
                 if time.monotonic() > deadline:
                     raise SystemExit("qemu-nbd did not come up")
                 await asyncio.sleep(0.1)
-            dropped = drop_caches()
+            dropped = drop_caches(keep)
             started = time.monotonic()
             proc = await asyncio.create_subprocess_exec(
                 "nbdcopy", str(source), f"nbd://127.0.0.1:{proxy.port}"
@@ -228,6 +232,9 @@ async def main() -> None:
     parser.add_argument("--size", type=int, default=4 << 30, help="volume bytes (4 GiB)")
     parser.add_argument("--changed-percent", type=float, default=1.0)
     parser.add_argument("--dir", default="/var/tmp", help="where the volume files go")
+    parser.add_argument(
+        "--keep-caches", action="store_true", help="do not drop the page cache before each run"
+    )
     args = parser.parse_args()
     size = args.size
     work = Path(tempfile.mkdtemp(prefix="ssdelta", dir=args.dir))
@@ -244,9 +251,9 @@ async def main() -> None:
             f"{changed // BLOCK} scattered 4 KiB blocks ({args.changed_percent:g} %); "
             f"set up in {time.monotonic() - t0:.1f} s"
         )
-        base = await nbdcopy_run(work, size, source)
+        base = await nbdcopy_run(work, size, source, args.keep_caches)
         (work / "target.img").unlink()
-        delta = await delta_run(work, size, source)
+        delta = await delta_run(work, size, source, args.keep_caches)
         load = os.getloadavg()
         print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (2 cores shared)")
         print(f"caches dropped before each run: {bool(base['dropped'] and delta['dropped'])}")

@@ -107,3 +107,20 @@ async def test_a_request_outside_the_volume_table_is_a_protocol_error(
         assert rx.rejected == 1
     finally:
         writer.close()
+
+
+async def test_too_many_requests_in_flight_is_a_protocol_error(rig: Rig) -> None:
+    rx, port = await rig.receiver({"vpg-a": MemorySink()})
+    reader, writer = await _raw_session(port)
+    try:
+        # In one write, so the receiver reads them all before it answers any.
+        writer.write(b"".join(encode(SumsAsk(i, 0, 0, 4096, 4096)) for i in range(65)))
+        frames = []
+        dec = FrameDecoder()
+        while chunk := await asyncio.wait_for(reader.read(65536), 5):
+            frames += dec.feed(chunk)
+        assert isinstance(frames[-1], Error) and frames[-1].code == ErrorCode.PROTOCOL
+        assert "more than 64 SUMS_ASK in flight" in frames[-1].message
+        assert rx.rejected == 1
+    finally:
+        writer.close()
