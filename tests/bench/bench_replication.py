@@ -15,7 +15,8 @@ the replicated run only by the stream.
    A protected appliance acks once the backing store has the write and its record is buffered
    (asynchronous replication), while the single appliance acks once its journal has the record
    durable; so every replicated run ends only when the recovery side has it all durable, and
-   the second ratio counts that drain time in.
+   the second ratio counts that drain time in. Each side runs ``--repeat`` times, alternating,
+   and the medians are compared (the spills and wire/body columns are of the last run).
 2. RPO under sustained writes paced at ``--rates`` MB/s (256 KiB writes of random bytes, up to
    16 in flight): the protected side's replication lag, i.e. the age of the oldest acknowledged
    write that the recovery side has not acknowledged durable (what a loss of the protected site
@@ -212,7 +213,9 @@ Load = Callable[[str], float]
 """A workload: writes to an NBD URI, returns the seconds it took."""
 
 
-async def throughput(workdir: Path, pki: Pki, size: int, scale: float) -> list[list[str]]:
+async def throughput(
+    workdir: Path, pki: Pki, size: int, scale: float, repeat: int
+) -> list[list[str]]:
     copied = int(1024 * scale) * MiB
     source = await asyncio.to_thread(make_source, workdir / "random.src", "incompressible", copied)
     seq, scattered = int(1200 * scale), int(40_000 * scale)
@@ -226,21 +229,25 @@ async def throughput(workdir: Path, pki: Pki, size: int, scale: float) -> list[l
     ]  # fmt: skip
     rows: list[list[str]] = []
     for name, unit, amount, load in loads:
-        base_dir = Path(tempfile.mkdtemp(dir=workdir))
-        local = local_node(base_dir, size)
-        with started(local):
-            await asyncio.sleep(1.0)
-            single = await asyncio.to_thread(load, local.uri("vol0"))
-        shutil.rmtree(base_dir, ignore_errors=True)
+        singles, replicateds, drains = [], [], []
+        for _ in range(repeat):  # alternating, so that a change of the machine's load hits both
+            base_dir = Path(tempfile.mkdtemp(dir=workdir))
+            local = local_node(base_dir, size)
+            with started(local):
+                await asyncio.sleep(1.0)
+                singles.append(await asyncio.to_thread(load, local.uri("vol0")))
+            shutil.rmtree(base_dir, ignore_errors=True)
 
-        rep_dir = Path(tempfile.mkdtemp(dir=workdir))
-        recovery, prot = replicated_pair(rep_dir, pki, size)
-        with started(recovery, prot):
-            await synced(prot)
-            replicated = await asyncio.to_thread(load, prot.uri("vol0"))
-            drain = await drained(prot)
-            status = await prot.protected_status(VPG)
-        shutil.rmtree(rep_dir, ignore_errors=True)
+            rep_dir = Path(tempfile.mkdtemp(dir=workdir))
+            recovery, prot = replicated_pair(rep_dir, pki, size)
+            with started(recovery, prot):
+                await synced(prot)
+                replicateds.append(await asyncio.to_thread(load, prot.uri("vol0")))
+                drains.append(await drained(prot))
+                status = await prot.protected_status(VPG)
+            shutil.rmtree(rep_dir, ignore_errors=True)
+        single, replicated = statistics.median(singles), statistics.median(replicateds)
+        drain = statistics.median(drains)
         rows.append(
             [
                 name,
@@ -470,20 +477,32 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> None:
                                enumerate(zip(r, widths, strict=True))))  # fmt: skip
 
 
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 async def run(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="ssbrep", dir=args.dir))
     pki_dir = Path(tempfile.mkdtemp(prefix="ssbpki"))
+    started_at = time.monotonic()
+    print(f"bench_replication: load average {load_average()} (1, 5, 15 min), cpus {os.cpu_count()}")
+    summary: list[list[str]] = []
     try:
         pki = make_pki(pki_dir)
         size = args.size * (1 << 30)
         if "throughput" in args.only:
-            rows = await throughput(workdir, pki, size, args.scale)
+            rows = await throughput(workdir, pki, size, args.scale, args.repeat)
             table(
-                "Throughput: single appliance vs replicated (protected -> recovery, mutual TLS)",
+                "Throughput: single appliance vs replicated (protected -> recovery, mutual TLS),"
+                f" median of {args.repeat}",
                 ["workload", "unit", "single", "replicated", "ratio", "ratio+drain",
                  "drain s", "wire/body", "spills"],
                 rows,
             )  # fmt: skip
+            summary += [
+                [f"replicated / single throughput, {r[0]}", f"{r[4]} ({r[5]} with drain)", ">= 0.7"]
+                for r in rows
+            ]
         if "rpo" in args.only:
             rows = await rpo(workdir, pki, size, args.rates, args.seconds)
             table(
@@ -493,6 +512,11 @@ async def run(args: argparse.Namespace) -> None:
                  "cp RPO p50 ms", "cp RPO p99 ms", "rec. disk/written", "spills"],
                 rows,
             )  # fmt: skip
+            summary += [
+                [f"RPO p50 / p99 at {r[0]} MB/s (got {r[1]})", f"{r[2]} / {r[3]} ms",
+                 "p99 <= 1000 ms" if float(r[0]) <= 50 else "-"]
+                for r in rows
+            ]  # fmt: skip
         if "holds" in args.only:
             rows = await holds(workdir, pki, size, args.seconds)
             table(
@@ -500,6 +524,11 @@ async def run(args: argparse.Namespace) -> None:
                 ["what", "count", "p50 ms", "p99 ms", "max ms"],
                 rows,
             )
+            worst = max(rows[:2], key=lambda r: float(r[3]))
+            summary.append(
+                [f"checkpoint hold p99, two appliances (worst: {worst[0].split()[0]})",
+                 f"{worst[3]} ms (sleeper wake-up p99 {rows[3][3]} ms)", "<= 20 ms"]
+            )  # fmt: skip
         if "compression" in args.only:
             rows = await compression(workdir, pki, size, args.scale)
             table(
@@ -508,6 +537,16 @@ async def run(args: argparse.Namespace) -> None:
                 ["workload", "compression", "MB/s", "wire/written", "sender CPU", "receiver CPU"],
                 rows,
             )  # fmt: skip
+            summary += [
+                [f"wire / written, {r[0]}, {r[1]}",
+                 f"{r[3]} (CPU s/GB: sender {r[4]}, receiver {r[5]})", "-"]
+                for r in rows
+            ]  # fmt: skip
+        table(
+            f"Summary ({time.monotonic() - started_at:.0f} s; load average now {load_average()})",
+            ["measure", "figure", "target"],
+            summary,
+        )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(pki_dir, ignore_errors=True)
@@ -518,6 +557,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2, help="GiB of each sparse volume (2)")
     parser.add_argument("--dir", default="/tmp", help="file system for volumes and journals")
     parser.add_argument("--scale", type=float, default=1.0, help="scale request counts")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs of each throughput workload, median (3)"
+    )
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds of paced load (20)")
     parser.add_argument(
         "--rates", type=float, nargs="+", default=[50.0, 200.0], help="MB/s (50 200)"
