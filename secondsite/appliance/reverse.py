@@ -54,7 +54,7 @@ class RecoveredVpg:
     failover_phase: str | None
     """The journal's failover phase (None, or `promoted` between promote and commit/rollback)."""
     committed_checkpoint: int | None
-    """The checkpoint a failover was committed to since the appliance started (None: none)."""
+    """The id of the checkpoint of the newest failover committed in the journal (None: none)."""
     replicas: dict[str, Path]
     """The journal's replica file of each volume, by volume name."""
 
@@ -136,8 +136,8 @@ def _recovery_to_protected(
         raise ReverseRefused(f"VPG {vpg} is in failover phase {phase}; wait until it ends")
     if recovered.committed_checkpoint is None:
         raise ReverseRefused(
-            f"no failover of VPG {vpg} was committed on this appliance (since it started): "
-            "promote to a checkpoint and commit first, so that the replicas are the volumes"
+            f"no failover of VPG {vpg} was committed on this appliance: promote to a "
+            "checkpoint and commit first, so that the replicas are the volumes"
         )
     if len(journal.sources) > 1:
         raise ReverseRefused(

@@ -442,8 +442,6 @@ class Appliance:
         self.control: ControlServer | None = None
         self._apply_lock = asyncio.Lock()
         self._promoted: dict[str, Checkpoint] = {}
-        self._committed: dict[str, Checkpoint] = {}
-        """Failovers committed since start, by VPG: what reverse protection needs."""
 
     def _journaled(self, spec: JournalSpec, config: ApplianceConfig) -> JournaledVpg:
         if spec.sources:
@@ -712,7 +710,7 @@ class Appliance:
             recovered = None
             if vpg_name in self.vpgs:
                 journal = self.journal(vpg_name)
-                committed = self._committed.get(vpg_name)
+                committed = journal.committed_failover
                 recovered = RecoveredVpg(
                     failover_phase=journal.failover_phase,
                     committed_checkpoint=None if committed is None else committed.id,
@@ -742,7 +740,6 @@ class Appliance:
         for image in self.images.of_vpg(name):
             self.images.close(image)
         self._promoted.pop(name, None)
-        self._committed.pop(name, None)
         await vpg.stop()
 
     # -- images ----------------------------------------------------------------------------
@@ -819,8 +816,6 @@ class Appliance:
     async def commit(self, vpg_name: str) -> None:
         await self.journal(vpg_name).commit()
         cp = self._promoted.pop(vpg_name, None)
-        if cp is not None:
-            self._committed[vpg_name] = cp
         log.info("vpg=%s event=failover-committed checkpoint=%s", vpg_name, cp and cp.id)
 
     async def rollback(self, vpg_name: str) -> None:

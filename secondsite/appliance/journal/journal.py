@@ -1328,6 +1328,13 @@ class Journal:
         """None, or "promoted" between promote_to() and commit()/rollback()."""
         return self._failover_phase
 
+    @property
+    def committed_failover(self) -> Checkpoint | None:
+        """The checkpoint of the newest failover committed in this journal (survives reopen):
+        what reverse protection asks for before the replicas become the volumes."""
+        raw = self._state.get("committed_failover")
+        return None if raw is None else Checkpoint.from_json(raw)
+
     async def promote_to(self, checkpoint: Checkpoint | int) -> Checkpoint:
         """Make every replica equal to its image at ``checkpoint`` (live failover).
 
@@ -1432,7 +1439,7 @@ class Journal:
         self.checkpoints.drop_through(cp.seq, cp)
         self._new_first_segment(last + 1)
         UndoLog(self.directory / "failover.undo").remove()
-        self._write_state(failover=None)
+        self._write_state(failover=None, committed_failover=cp.to_json())
         log.info(self._log("journal: failover committed", checkpoint=cp.id, seq=cp.seq))
 
     async def rollback(self) -> None:

@@ -107,6 +107,9 @@ async def test_reverse_protection_and_failback(workdir: Path, pki: Pki, nodes: l
     await fail_over(r, "failover")
     same, why = same_files(p_disk, r_disk)
     assert same, f"R's recovered disk lost acknowledged writes: {why}"
+    # The committed failover is the journal's: a restart of R in between does not lose it.
+    r.stop()
+    r.start()
 
     # 3. Reverse both: P first (its workload has moved), then R. A journal that cannot open
     #    undoes the switch: P protects the VPG again, as before.

@@ -234,3 +234,22 @@ async def test_the_sink_journals_into_the_named_replica_file_and_keeps_its_data(
         assert replica.read_bytes() == content
     finally:
         await journal.close()
+
+
+async def test_a_committed_failover_is_remembered_across_reopen(tmp_path: Path) -> None:
+    journal = await Journal.open(tmp_path, JournalConfig(vpg="db"))
+    await journal.add_volume("data", 64 * 1024)
+    await journal.append_write("data", 0, b"x" * 4096)
+    first = await journal.checkpoint("first")
+    await journal.promote_to(first)
+    await journal.rollback()
+    assert journal.committed_failover is None  # a rolled back promotion is no failover
+    await journal.promote_to(first)
+    await journal.commit()
+    assert journal.committed_failover == first
+    await journal.close()
+    reopened = await Journal.open(tmp_path, JournalConfig(vpg="db"))
+    try:
+        assert reopened.committed_failover == first
+    finally:
+        await reopened.close()
