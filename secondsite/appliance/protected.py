@@ -716,14 +716,16 @@ class ProtectedVpg(CapturedVolumes):
     ) -> None:
         """Put an in-path volume in delta sync of ``regions`` (default: all of it); the walk
         starts with :meth:`_spawn_delta` once the sender exists."""
-        size = side.vol.export.size
-        todo = DirtyMap(size, INTENT_REGION)
+        # Until it is done, the intent map keeps the regions: a crash meanwhile syncs them again.
+        todo = DirtyMap(side.vol.export.size, INTENT_REGION)
         if regions is None:
             todo.mark_all()
+            if side.intent is not None:
+                side.intent.note_all()
         for offset, length in regions or ():
             todo.mark(offset, length)
-        if side.intent is not None and regions is None:
-            side.intent.note_all()
+            if side.intent is not None:
+                side.intent.note(offset, length)
         if side.delta_task is not None:
             side.delta_task.cancel()
             side.delta_task = None

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -177,11 +178,13 @@ async def test_a_stream_cut_during_delta_sync_resumes_and_converges(
     async with prot.client() as c:
         await c.put_config(ApplianceConfig.model_validate({**prot.raw, "bandwidthLimit": "8Mi"}))
         await c.force_sync(VPG)
+    forced = time.time()
     await eventually(lambda: _shipping(prot), 20, "the delta sync shipping differing blocks")
     recovery.kill()
     await asyncio.sleep(0.5)
     recovery.start()
     delta = await eventually(lambda: delta_done(prot, "vol0"), 120, "delta sync done")
+    done = time.time()
     await wait_identical({"vol0": source}, recovery, timeout=60)
     st = await state(prot)
     log = prot.log(4000).rpartition("--- start")[2]
@@ -195,6 +198,13 @@ async def test_a_stream_cut_during_delta_sync_resumes_and_converges(
     assert st.stream.sessions == 2 and len(welcomed) == 2
     assert delta.compared_bytes == size
     assert changed <= delta.shipped_bytes <= 2 * changed
+    # Checkpoints cut while the sync ran say they are not consistent; after it, they are.
+    await asyncio.sleep(1.5)
+    async with recovery.client() as c:
+        during = await c.list_checkpoints(VPG, since=forced, until=done - 0.5, limit=1000)
+        after = await c.list_checkpoints(VPG, since=done + 1.0, limit=1000)
+    assert during.checkpoints and not any(cp.consistent for cp in during.checkpoints)
+    assert after.checkpoints and all(cp.consistent for cp in after.checkpoints)
 
 
 async def _shipping(node: Node) -> bool:

@@ -221,3 +221,9 @@ async def test_unclean_stop_resyncs_only_the_regions_in_flight(rig: Rig, tmp_pat
     # Compared with the recovery side's checksums: only the two writes it missed were shipped.
     assert vol.progress.done_bytes == 2 * MiB
     assert vol.progress.changed_bytes == 64 * KiB + 4 * KiB
+    # Once synced and acknowledged, the regions leave the intent map again.
+    await until(lambda: pvpg.buffer.count == 0)
+    intent = pvpg._sides["d0"].intent
+    assert intent is not None and intent.set_regions == 2
+    pvpg._sweep()
+    assert intent.set_regions == 0
