@@ -1,11 +1,12 @@
 """Reverse protection and failback between two real appliance processes over mutual TLS.
 
-P protects an in-path disk to R. After writes, R fails over (promote to a checkpoint, commit) and
-both appliances reverse: R serves the recovered disk (its former replica) and streams it back to
-P, whose former backing file is now the replica of a journal. Writes through R's export reach P's
-journal. Then the failback: promote and commit on P, reverse both again, and the original
-direction works with P's original backing file. Every acknowledged write is kept throughout: the
-disks are compared with `qemu-img compare` at each step.
+P protects two in-path disks to R. After writes, R fails over (promote to a checkpoint, commit)
+and both appliances reverse: R serves the recovered disks (its former replicas) and streams them
+back to P, whose former backing files are now the replicas of a journal; a delta sync finds them
+equal and ships nothing. Writes through R's exports reach P's journal. Then the failback: promote
+and commit on P, reverse both again, and the original direction works with P's original backing
+files. Every acknowledged write is kept throughout: the disks are compared with `qemu-img
+compare` at each step.
 """
 
 from __future__ import annotations
@@ -34,15 +35,18 @@ from secondsite.appliance.control import ConflictError, ServerError
 pytestmark = [pytest.mark.qemu, pytest.mark.slow, requires_peers, pytest.mark.timeout(300)]
 
 VPG = "db"
-SIZE = 64 * MiB
+VOLUMES = {"disk": 64 * MiB, "logs": 16 * MiB}
+TOTAL = sum(VOLUMES.values())
 
 
-def same_files(a: Path, b: Path) -> tuple[bool, str]:
-    proc = subprocess.run(
-        ["qemu-img", "compare", "-f", "raw", "-F", "raw", str(a), str(b)],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    return proc.returncode == 0, (proc.stdout + proc.stderr).strip()
+def same_disks(a: dict[str, Path], b: dict[str, Path], what: str) -> None:
+    """`qemu-img compare` of two files per volume."""
+    for volume in a:
+        proc = subprocess.run(
+            ["qemu-img", "compare", "-f", "raw", "-F", "raw", str(a[volume]), str(b[volume])],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, f"{what}: {volume}: {proc.stdout}{proc.stderr}"
 
 
 async def fail_over(node: Node, tag: str) -> int:
@@ -77,23 +81,23 @@ async def test_reverse_protection_and_failback(workdir: Path, pki: Pki, nodes: l
         "prot-a",
         r_port,
         VPG,
-        {"disk": SIZE},
+        VOLUMES,
         appliance={"listen": {"stream": f"127.0.0.1:{p_port}"}},
     )
-    p_disk = workdir / "disk.img"
     r_journal, p_state = workdir / "recovery" / "journal", workdir / "prot-a" / "state"
-    r_disk = r_journal / "replicas" / "disk.img"
+    p_disks = {v: workdir / f"{v}.img" for v in VOLUMES}
+    r_disks = {v: r_journal / "replicas" / f"{v}.img" for v in VOLUMES}
     nodes += [r, p]
     r.start()
     p.start()
 
-    # 1. P protects the disk to R under random writes (bounded: a few seconds).
-    writer = Writer(p, {"disk": SIZE}, seed=7, depth=4)
+    # 1. P protects the disks to R under random writes (bounded: a few seconds).
+    writer = Writer(p, VOLUMES, seed=7, depth=4)
     writer.start()
     await asyncio.sleep(3)
     await writer.stop()
     assert writer.acked > 0
-    await wait_identical({"disk": p_disk}, r, timeout=60)
+    await wait_identical(p_disks, r, timeout=60)
     await wait_streaming(p, r)
 
     # 2. Live failover on R. Reversing before the commit is refused, and changes nothing.
@@ -105,8 +109,7 @@ async def test_reverse_protection_and_failback(workdir: Path, pki: Pki, nodes: l
         assert info.value.code == "cannot-reverse" and "not committed" in info.value.message
         await c.rollback(VPG)
     await fail_over(r, "failover")
-    same, why = same_files(p_disk, r_disk)
-    assert same, f"R's recovered disk lost acknowledged writes: {why}"
+    same_disks(p_disks, r_disks, "R's recovered disks lost acknowledged writes")
     # The committed failover is the journal's: a restart of R in between does not lose it.
     r.stop()
     r.start()
@@ -120,7 +123,7 @@ async def test_reverse_protection_and_failback(workdir: Path, pki: Pki, nodes: l
             await c.reverse(VPG, peer="recovery", directory=blocker / "journal")
         assert failed.value.code == "apply-failed" and "restarted as before" in failed.value.message
         assert [e.vpg for e in (await c.get_config()).protected] == [VPG]
-        assert (await c.protected_status(VPG)).volumes.keys() == {"disk"}
+        assert (await c.protected_status(VPG)).volumes.keys() == VOLUMES.keys()
         result = await c.reverse(VPG, peer="recovery")
     assert result.role == "recovery"
     assert {(ch.kind, ch.action) for ch in result.changes} == {
@@ -132,48 +135,50 @@ async def test_reverse_protection_and_failback(workdir: Path, pki: Pki, nodes: l
         result = await c.reverse(VPG, peer="prot-a", peer_stream=f"127.0.0.1:{p_port}")
         config = await c.get_config()
     assert result.role == "protected"
-    assert config.journals == [] and [v.backing for v in config.volumes] == [r_disk]
+    assert config.journals == [] and {v.name: v.backing for v in config.volumes} == r_disks
     assert not (r_journal / "state.json").exists() and not (r_journal / "segments").exists()
     assert not (p_state / "capture-state.json").exists()
     await wait_streaming(r, p)
 
-    # 4. Writes through R's new in-path export reach P's journal: P's latest image is R's disk.
+    # 4. Writes through R's new in-path exports reach P's journal: P's latest images are R's
+    #    disks. Delta sync: P's replicas held the data already; only the writes on R travel.
     await asyncio.to_thread(
         qemu_io, r.uri("disk"), "write -P 0xa1 1M 2M", "write -z 8M 1M", "write -P 0xb2 60M 1M"
     )
-    took = await wait_identical({"disk": r_disk}, p, timeout=60)
+    await asyncio.to_thread(qemu_io, r.uri("logs"), "write -P 0xa2 0 512k")
+    took = await wait_identical(r_disks, p, timeout=60)
     source = (await p.vpg_status(VPG)).replication
     assert source is not None
     shipped = source.sources["recovery"].payload_bytes
-    delta = (await r.protected_status(VPG)).volumes["disk"].delta_sync
-    assert delta is not None and not delta.running and delta.compared_bytes == SIZE
+    volumes = (await r.protected_status(VPG)).volumes
+    deltas = {v: volumes[v].delta_sync for v in VOLUMES}
+    for volume, delta in deltas.items():
+        assert delta is not None and not delta.running
+        assert delta.compared_bytes == VOLUMES[volume] and delta.shipped_bytes == 0
     print(
-        f"[reverse] P's latest image equals R's disk {took:.2f} s after the writes; "
-        f"payload bytes shipped R -> P: {shipped} ({shipped / SIZE:.2%} of the volume), of "
-        f"which delta sync {delta.shipped_bytes}"
+        f"[reverse] P's latest images equal R's disks {took:.2f} s after the writes; "
+        f"payload bytes shipped R -> P: {shipped} ({shipped / TOTAL:.2%} of the volumes; the "
+        "delta sync compared every block and shipped none)"
     )
-    # Delta sync: the replicas on P held the data already; only the writes on R travel.
-    assert shipped < SIZE // 8
+    assert shipped < TOTAL // 8
 
     # 5. Failback: promote and commit on P, reverse both again; the original direction works.
     await fail_over(p, "failback")
-    same, why = same_files(p_disk, r_disk)
-    assert same, f"P's disk after the failback is not R's: {why}"
+    same_disks(p_disks, r_disks, "P's disks after the failback are not R's")
     async with r.client() as c:
         assert (await c.reverse(VPG, peer="prot-a")).role == "recovery"
     async with p.client() as c:
-        assert (await c.reverse(VPG, peer="recovery", peer_stream=f"127.0.0.1:{r_port}")).role == (
-            "protected"
-        )
+        result = await c.reverse(VPG, peer="recovery", peer_stream=f"127.0.0.1:{r_port}")
         config = await c.get_config()
-    assert [v.backing for v in config.volumes] == [p_disk]
+    assert result.role == "protected"
+    assert {v.name: v.backing for v in config.volumes} == p_disks
     await wait_streaming(p, r)
     await asyncio.to_thread(qemu_io, p.uri("disk"), "write -P 0xc3 30M 3M")
-    await wait_identical({"disk": p_disk}, r, timeout=60)
+    await wait_identical(p_disks, r, timeout=60)
     back = (await r.vpg_status(VPG)).replication
     assert back is not None
     shipped = back.sources["prot-a"].payload_bytes
-    print(f"[failback] payload bytes shipped P -> R: {shipped} ({shipped / SIZE:.2%})")
-    assert shipped < SIZE // 8
+    print(f"[failback] payload bytes shipped P -> R: {shipped} ({shipped / TOTAL:.2%})")
+    assert shipped < TOTAL // 8
     p.stop()
     r.stop()
