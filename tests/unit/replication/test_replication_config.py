@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from secondsite.appliance.config import ApplianceConfig, Compression, Priority
+from secondsite.appliance.config import ApplianceConfig, Compression, InitialSync, Priority
 from secondsite.appliance.control.errors import ApplyConflict
 from secondsite.appliance.runtime import plan_apply
 
@@ -49,10 +49,19 @@ def test_defaults_of_a_protected_vpg() -> None:
     spec = config.protected_for("db")
     assert spec.priority is Priority.MEDIUM
     assert spec.compression is Compression.ADAPTIVE
+    assert spec.initial_sync is InitialSync.FULL
     assert spec.buffer_size() == 256 << 20
     assert spec.recovery_address() == ("10.0.0.9", 7400)
     assert config.source_name == "node-a"
     assert config.bandwidth_bytes() is None
+
+
+def test_initial_sync_by_checksums_is_asked_for_by_name() -> None:
+    data = protected_side()
+    data["protected"][0]["initialSync"] = "delta"
+    spec = ApplianceConfig.model_validate(data).protected_for("db")
+    assert spec.initial_sync is InitialSync.DELTA
+    assert spec.model_dump()["initialSync"] == "delta"
 
 
 def test_name_defaults_to_node() -> None:
@@ -100,6 +109,7 @@ def test_a_stream_fed_journal_takes_no_local_volumes() -> None:
         ({"bufferBytes": "64Ki"}, "at least 1Mi"),
         ({"priority": "Urgent"}, "Input should be"),
         ({"compression": "lz4"}, "Input should be"),
+        ({"initialSync": "bitmap"}, "Input should be 'full' or 'delta'"),
     ],
 )
 def test_protected_vpg_fields_are_checked(change: dict[str, Any], message: str) -> None:
