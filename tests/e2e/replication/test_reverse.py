@@ -49,15 +49,35 @@ def same_disks(a: dict[str, Path], b: dict[str, Path], what: str) -> None:
         assert proc.returncode == 0, f"{what}: {volume}: {proc.stdout}{proc.stderr}"
 
 
-async def fail_over(node: Node, tag: str) -> int:
-    """Tag a checkpoint (after every write acknowledged so far), promote to it and commit."""
+async def fail_over(node: Node, tag: str, *, tagged: bool = False) -> None:
+    """Promote to the checkpoint tagged ``tag`` and commit; unless ``tagged``, tag one first
+    (after every write acknowledged so far)."""
     async with node.client() as c:
-        cp = await c.take_checkpoint(VPG, tag=tag)
+        if not tagged:
+            await c.take_checkpoint(VPG, tag=tag)
+        cp = await c.get_checkpoint(VPG, f"tag:{tag}")
         promoted = await c.promote(VPG, f"tag:{tag}")
         assert promoted.phase == "promoted" and promoted.checkpoint is not None
         assert promoted.checkpoint.id == cp.id
         await c.commit(VPG)
-    return cp.id
+
+
+def pair(workdir: Path, pki: Pki, volumes: dict[str, int]) -> tuple[Node, Node, str, str]:
+    """R (recovery) and P (protected, with a stream listener for the reverse direction), and
+    their stream addresses."""
+    r_port, p_port = free_port(), free_port()
+    r_stream, p_stream = f"127.0.0.1:{r_port}", f"127.0.0.1:{p_port}"
+    r = recovery_node(workdir, pki, r_port, VPG, ["prot-a"])
+    p = protected_node(
+        workdir,
+        pki,
+        "prot-a",
+        r_port,
+        VPG,
+        volumes,
+        appliance={"listen": {"stream": p_stream}},
+    )
+    return r, p, r_stream, p_stream
 
 
 async def wait_streaming(protected: Node, recovery: Node) -> None:
@@ -73,17 +93,7 @@ async def wait_streaming(protected: Node, recovery: Node) -> None:
 
 
 async def test_reverse_protection_and_failback(workdir: Path, pki: Pki, nodes: list[Node]) -> None:
-    r_port, p_port = free_port(), free_port()
-    r = recovery_node(workdir, pki, r_port, VPG, ["prot-a"])
-    p = protected_node(
-        workdir,
-        pki,
-        "prot-a",
-        r_port,
-        VPG,
-        VOLUMES,
-        appliance={"listen": {"stream": f"127.0.0.1:{p_port}"}},
-    )
+    r, p, r_stream, p_stream = pair(workdir, pki, VOLUMES)
     r_journal, p_state = workdir / "recovery" / "journal", workdir / "prot-a" / "state"
     p_disks = {v: workdir / f"{v}.img" for v in VOLUMES}
     r_disks = {v: r_journal / "replicas" / f"{v}.img" for v in VOLUMES}
@@ -105,7 +115,7 @@ async def test_reverse_protection_and_failback(workdir: Path, pki: Pki, nodes: l
         await c.take_checkpoint(VPG, tag="before-failover")
         await c.promote(VPG, "tag:before-failover")
         with pytest.raises(ConflictError) as info:
-            await c.reverse(VPG, peer="prot-a", peer_stream=f"127.0.0.1:{p_port}")
+            await c.reverse(VPG, peer="prot-a", peer_stream=p_stream)
         assert info.value.code == "cannot-reverse" and "not committed" in info.value.message
         await c.rollback(VPG)
     await fail_over(r, "failover")
@@ -132,7 +142,7 @@ async def test_reverse_protection_and_failback(workdir: Path, pki: Pki, nodes: l
         ("vpg", "added"),
     }
     async with r.client() as c:
-        result = await c.reverse(VPG, peer="prot-a", peer_stream=f"127.0.0.1:{p_port}")
+        result = await c.reverse(VPG, peer="prot-a", peer_stream=p_stream)
         config = await c.get_config()
     assert result.role == "protected"
     assert config.journals == [] and {v.name: v.backing for v in config.volumes} == r_disks
@@ -168,7 +178,7 @@ async def test_reverse_protection_and_failback(workdir: Path, pki: Pki, nodes: l
     async with r.client() as c:
         assert (await c.reverse(VPG, peer="prot-a")).role == "recovery"
     async with p.client() as c:
-        result = await c.reverse(VPG, peer="recovery", peer_stream=f"127.0.0.1:{r_port}")
+        result = await c.reverse(VPG, peer="recovery", peer_stream=r_stream)
         config = await c.get_config()
     assert result.role == "protected"
     assert {v.name: v.backing for v in config.volumes} == p_disks
@@ -182,3 +192,47 @@ async def test_reverse_protection_and_failback(workdir: Path, pki: Pki, nodes: l
     assert shipped < TOTAL // 8
     p.stop()
     r.stop()
+
+
+async def test_reverse_while_the_protected_site_is_down(
+    workdir: Path, pki: Pki, nodes: list[Node]
+) -> None:
+    """The disaster case: P dies, R fails over to a checkpoint before P's last writes and
+    reverses while P is down; R's workload writes meanwhile. When P is back (with its old
+    config) and reverses, the delta sync makes P's replica R's disk: P's writes after the
+    failover checkpoint are replaced, R's are all there."""
+    size = 32 * MiB
+    r, p, _, p_stream = pair(workdir, pki, {"disk": size})
+    p_disk = workdir / "disk.img"
+    r_disk = workdir / "recovery" / "journal" / "replicas" / "disk.img"
+    nodes += [r, p]
+    r.start()
+    p.start()
+    await asyncio.to_thread(qemu_io, p.uri("disk"), "write -P 0x11 0 8M")
+    await wait_identical({"disk": p_disk}, r, timeout=60)
+    async with r.client() as c:
+        await c.take_checkpoint(VPG, tag="last-good")
+    # Acknowledged on P after the checkpoint R will fail over to, then P dies.
+    await asyncio.to_thread(qemu_io, p.uri("disk"), "write -P 0x22 4M 1M")
+    p.kill()
+
+    await fail_over(r, "last-good", tagged=True)
+    async with r.client() as c:
+        assert (await c.reverse(VPG, peer="prot-a", peer_stream=p_stream)).role == "protected"
+    await asyncio.to_thread(qemu_io, r.uri("disk"), "write -P 0x33 20M 2M")
+    status = await r.protected_status(VPG)
+    assert not status.connected
+
+    p.start()  # its config file still protects the VPG
+    async with p.client() as c:
+        assert (await c.reverse(VPG, peer="recovery")).role == "recovery"
+    await wait_streaming(r, p)
+    await wait_identical({"disk": r_disk}, p, timeout=60)
+    delta = (await r.protected_status(VPG)).volumes["disk"].delta_sync
+    assert delta is not None and delta.compared_bytes == size
+    # What differed: P's 1 MiB written after the checkpoint, and R's 2 MiB (unless R's writes
+    # were shipped as writes before the comparison reached them).
+    assert 1 * MiB <= delta.shipped_bytes <= 3 * MiB, delta
+    print(f"[disaster] delta sync shipped {delta.shipped_bytes} bytes of {size}")
+    r.stop()
+    p.stop()
