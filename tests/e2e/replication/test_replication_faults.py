@@ -1,6 +1,7 @@
 """Replication under faults, with a write load on the protected appliance all along:
 
-- the link is cut (connections reset, then refused) and stalled (nothing passes, nothing closes);
+- the link is cut (connections reset, then refused), delayed (30 ms a chunk each way) and
+  stalled (nothing passes, nothing closes);
 - the recovery appliance is killed with SIGKILL and restarted;
 - the protected appliance is killed with SIGKILL and restarted;
 - both appliances are killed with SIGKILL at once and restarted;
@@ -97,11 +98,22 @@ async def test_link_cut_and_stalled_under_load(workdir: Path, pki: Pki, nodes: l
         assert rec.state == "Disconnected" and "prot-a" in rec.reason
         proxy.refuse = False
 
-        # Stall: nothing passes either way and nothing is closed (the sender's peer timeout
-        # has to find out), then traffic flows again.
         await eventually(
             lambda: protected_state(prot, "Protected"), 30, "reconnection after the cut"
         )
+
+        # Delay: every chunk waits 30 ms each way. The stream goes on over the same connection
+        # (slower, but no timeout fires) and what is acked keeps moving.
+        proxy.delay = 0.03
+        slow = await prot.protected_status(VPG)
+        await asyncio.sleep(3.0)
+        delayed = await prot.protected_status(VPG)
+        assert delayed.stream.sessions == slow.stream.sessions, "a delay is not a disconnect"
+        assert delayed.stream.durable_seq > slow.stream.durable_seq
+        proxy.delay = 0.0
+
+        # Stall: nothing passes either way and nothing is closed (the sender's peer timeout
+        # has to find out), then traffic flows again.
         proxy.stall()
         await asyncio.sleep(7.0)
         prot_status = await prot.protected_status(VPG)
