@@ -51,8 +51,8 @@ After an unclean stop: the :class:`IntentMap` of each in-path volume (a small fi
 MiB) holds every region whose changes the recovery side may not have durably; after a crash of the
 process in the same boot of the node, only those regions are delta-synced. After a reboot of the
 node the map may be stale (it is not synced to disk on every change), and so is a volume whose map
-is missing: the whole volume is delta-synced. A delta sync keeps every region set in the intent
-map until it is done, so a crash in the middle starts it again.
+is missing: the whole volume is delta-synced. A delta sync keeps the regions it has not compared
+yet set in the intent map, so after a stop in the middle it goes on with those.
 
 Checkpoints: the recovery appliance sends HOLD; :meth:`ProtectedVpg._on_hold` closes the VPG's
 :class:`AckGate` (new acknowledgements wait) and appends a CHECKPOINT_MARK after every record
@@ -282,11 +282,13 @@ class IntentMap:
         self._last[:] = 0
         os.pwrite(self._fd, bytes(len(self._set)), 0)
 
-    def sweep(self, acked_seq: int, dirty: DirtyMap) -> int:
-        """Clear the regions whose records are all acknowledged and that are not dirty; returns
-        how many were cleared."""
+    def sweep(
+        self, acked_seq: int, dirty: DirtyMap, pending: Sequence[tuple[int, int]] = ()
+    ) -> int:
+        """Clear the regions whose records are all acknowledged and that are neither dirty nor
+        ``pending`` (a delta sync has not compared them yet); returns how many were cleared."""
         done = self._set & (self._last <= acked_seq)
-        for off, length in dirty.extents():
+        for off, length in [*dirty.extents(), *pending]:
             a, b = self._span(off, length)
             done[a:b] = False
         idx = np.flatnonzero(done)
@@ -331,7 +333,12 @@ class _Replicated:
     syncing_since: float | None = None
     """Wall-clock time the current sync started (it bounds the RPO while the volume syncs)."""
     unchecked: DirtyMap | None = None
-    """Delta sync: regions not compared with the recovery side yet (None: no delta sync)."""
+    """Delta sync: regions not asked about yet (None: no delta sync)."""
+    comparing: collections.deque[tuple[int, int, asyncio.Task[bytes]]] = dataclasses.field(
+        default_factory=collections.deque
+    )
+    """Delta sync: regions asked about and not compared yet, with the request for their
+    checksums, in order."""
     delta_task: asyncio.Task[None] | None = None
     delta: ResyncProgress | None = None
     """The newest delta sync: ``done_bytes`` compared, ``changed_bytes`` shipped."""
@@ -536,13 +543,13 @@ class ProtectedVpg(CapturedVolumes):
 
     def _sweep(self) -> None:
         for side in self._sides.values():
-            if (
-                side.intent is not None
-                and side.dirty is not None
-                and not side.shipping
-                and side.unchecked is None
-            ):
-                side.intent.sweep(self.buffer.acked_seq, side.dirty)
+            if side.intent is None or side.dirty is None or side.shipping:
+                continue
+            pending: list[tuple[int, int]] = []
+            if side.unchecked is not None:
+                pending = side.unchecked.extents()
+                pending += [(offset, length) for offset, length, _ in side.comparing]
+            side.intent.sweep(self.buffer.acked_seq, side.dirty, pending)
 
     # -- the write target ---------------------------------------------------------------------
 
@@ -755,6 +762,7 @@ class ProtectedVpg(CapturedVolumes):
         sender = self.sender
         assert sender is not None
         inflight: collections.deque[tuple[int, int, asyncio.Task[bytes]]] = collections.deque()
+        side.comparing = inflight
 
         def abandon(why: str) -> None:
             if inflight:
@@ -786,9 +794,13 @@ class ProtectedVpg(CapturedVolumes):
                 except SumsLost as e:
                     abandon(str(e))
                     continue
+                done = 0
+                while done < length:
+                    await self._wait_for_half_room()
+                    done = await self._compare(side, offset, length, remote, done)
+                    # Reads of the backing store may complete without suspending: let writes in.
+                    await asyncio.sleep(0)
                 inflight.popleft()
-                await self._wait_for_half_room()
-                await self._compare(side, offset, length, remote)
         finally:
             abandon("stopped")
         if side.delta_task is not asyncio.current_task():
@@ -807,35 +819,51 @@ class ProtectedVpg(CapturedVolumes):
         if side.streaming and side.dirty is not None and not side.dirty.dirty_regions:
             self.tasks.spawn(self._finish_sync(side, side.overflows), f"sync {side.vol.spec.name}")
 
-    async def _compare(self, side: _Replicated, offset: int, length: int, remote: bytes) -> None:
-        """Read [offset, offset+length) of the source under the RegionGuard and append records
-        for the blocks whose digests differ from ``remote``."""
+    async def _compare(
+        self, side: _Replicated, offset: int, length: int, remote: bytes, start: int
+    ) -> int:
+        """Read [offset+start, offset+length) of the source under the RegionGuard and append
+        records for the blocks whose digests differ from ``remote`` (the digests of the whole
+        span), until the buffer is half full; returns where it stopped (``length``: done)."""
         export, progress = side.vol.export, side.delta
-        assert isinstance(export, InPathExport) and side.dirty is not None and progress
+        assert isinstance(export, InPathExport) and progress is not None
         async with side.copying:
-            await export.guard.claim(offset, offset + length)
+            await export.guard.claim(offset + start, offset + length)
             try:
-                data = memoryview(await export.backing.read(offset, length))
-                runs = _differing(block_digests(data, DELTA_BLOCK), remote, DELTA_BLOCK, length)
-                for i, (start, end) in enumerate(runs):
-                    for pos in range(start, end, self._chunk):
-                        step = min(self._chunk, end - pos)
-                        try:
-                            seq = self._append_data(side, offset + pos, data[pos : pos + step])
-                        except BufferFull:
-                            side.dirty.mark(offset + pos, end - pos)
-                            for later in runs[i + 1 :]:
-                                side.dirty.mark(offset + later[0], later[1] - later[0])
-                            self._overflow(side)
-                            return
-                        if side.intent is not None:
-                            side.intent.note(offset + pos, step, seq)
-                        progress.changed_bytes += step
+                data = memoryview(await export.backing.read(offset + start, length - start))
+                theirs = remote[start // DELTA_BLOCK * DIGEST_SIZE :]
+                runs = _differing(block_digests(data, DELTA_BLOCK), theirs, DELTA_BLOCK, len(data))
+                stopped = self._ship_differing(side, offset + start, data, runs)
             finally:
                 export.guard.release()
-                progress.done_bytes += length
-        # Reads of the backing store may complete without suspending: let writes in.
-        await asyncio.sleep(0)
+        reached = length if stopped is None else start + stopped
+        progress.done_bytes += reached - start
+        return reached
+
+    def _ship_differing(
+        self, side: _Replicated, offset: int, data: memoryview, runs: list[tuple[int, int]]
+    ) -> int | None:
+        """Append the ``runs`` of ``data`` (read at ``offset``) until the buffer is half full:
+        returns where that stopped in ``data``, or None when all of it is in the buffer (or, if
+        the workload filled the buffer meanwhile, in the dirty map)."""
+        assert side.dirty is not None and side.delta is not None
+        for i, (run_start, run_end) in enumerate(runs):
+            for pos in range(run_start, run_end, self._chunk):
+                if self.buffer.used_bytes > self.buffer.capacity_bytes // 2:
+                    return pos
+                step = min(self._chunk, run_end - pos)
+                try:
+                    seq = self._append_data(side, offset + pos, data[pos : pos + step])
+                except BufferFull:
+                    side.dirty.mark(offset + pos, run_end - pos)
+                    for later in runs[i + 1 :]:
+                        side.dirty.mark(offset + later[0], later[1] - later[0])
+                    self._overflow(side)
+                    return None
+                if side.intent is not None:
+                    side.intent.note(offset + pos, step, seq)
+                side.delta.changed_bytes += step
+        return None
 
     async def _wait_for_half_room(self) -> None:
         """Wait while the buffer is more than half full (what is shipped must fit)."""

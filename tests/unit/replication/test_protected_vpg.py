@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from secondsite.appliance.capture import InPathExport, MirrorTargetExport
-from secondsite.appliance.config import ProtectedVpgSpec, VolumeSpec
+from secondsite.appliance.config import InitialSync, ProtectedVpgSpec, VolumeSpec
 from secondsite.appliance.nbd.export import NBDError
 from secondsite.appliance.protected import ProtectedVpg
 from secondsite.appliance.stream import (
@@ -51,12 +52,15 @@ class Rig:
         )
         await self.receiver.listen("127.0.0.1", self.port)
 
-    async def vpg(self, volumes: list[VolumeSpec], **kw: float) -> ProtectedVpg:
+    async def vpg(
+        self, volumes: list[VolumeSpec], *, initial_sync: str = "full", **kw: float
+    ) -> ProtectedVpg:
         spec = ProtectedVpgSpec(
             vpg="db",
             recovery=f"127.0.0.1:{self.port}",
             directory=self.tmp / "state",
             buffer_bytes="1Mi",
+            initial_sync=InitialSync(initial_sync),
         )
         pvpg = ProtectedVpg(
             spec, volumes, source="prot-a", tls=None, limiter=BandwidthLimiter(None),
@@ -227,3 +231,27 @@ async def test_unclean_stop_resyncs_only_the_regions_in_flight(rig: Rig, tmp_pat
     assert intent is not None and intent.set_regions == 2
     pvpg._sweep()
     assert intent.set_regions == 0
+
+
+async def test_a_delta_sync_stopped_midway_goes_on_where_it_stood(rig: Rig, tmp_path: Path) -> None:
+    backing = tmp_path / "d0.img"
+    backing.write_bytes(os.urandom(32 * MiB))
+    disk = VolumeSpec(name="d0", vpg="db", backing=backing)
+    rig.sink = MemorySink(commit_delay=0.05)  # acks come slowly: the sync takes seconds
+    await rig.link_up()
+    pvpg = await rig.vpg([disk], initial_sync="delta")
+    vol = pvpg.volumes["d0"]
+    assert vol.state is SyncState.DELTA_SYNC and "initialSync: delta" in vol.reason
+    await until(lambda: vol.progress is not None and vol.progress.done_bytes >= 8 * MiB, 20)
+    await pvpg.stop()  # clean: what was shipped is acknowledged, its regions swept
+    rig.vpgs.remove(pvpg)
+    assert vol.progress is not None
+    compared = vol.progress.done_bytes
+    assert compared < 32 * MiB, "the sync finished before the stop: the test shows nothing"
+
+    pvpg = await rig.vpg([disk], initial_sync="delta")
+    vol = pvpg.volumes["d0"]
+    assert vol.state is SyncState.DELTA_SYNC and "stopped with changes not shipped" in vol.reason
+    assert vol.progress is not None and vol.progress.total_bytes == 32 * MiB - compared
+    await until(lambda: vol.synced, 30)
+    assert bytes(rig.sink.state.images["d0"]) == backing.read_bytes()
