@@ -102,8 +102,15 @@ class RegionGuard:
 
     async def enter_write(self, start: int, end: int) -> int:
         """Register a write in flight; waits while a copier's window overlaps it."""
-        while self._overlaps_window(start, end):
+        while (token := self.enter_idle(start, end)) is None:
             await self._window_released.wait()
+        return token
+
+    def enter_idle(self, start: int, end: int) -> int | None:
+        """:meth:`enter_write` without waiting: its token, or None when a copier's window
+        overlaps (then await :meth:`enter_write`)."""
+        if self._overlaps_window(start, end):
+            return None
         token = self._next_token
         self._next_token += 1
         self._inflight[token] = (start, end)
@@ -184,17 +191,24 @@ class InPathExport(_CaptureExport):
         return await self.backing.read(offset, length)
 
     async def write(self, offset: int, data: BytesLike, *, fua: bool) -> None:
+        # The hot path of in-path capture: one coroutine frame when no copier runs.
+        guard = self.guard
         end = offset + len(data)
-        token = await self.guard.enter_write(offset, end)
+        token = guard.enter_idle(offset, end)
+        if token is None:
+            token = await guard.enter_write(offset, end)
         try:
             try:
                 pending = self.target.submit_write(self.name, offset, _view(data))
             except JournalError as e:
                 raise journal_error(e, "write") from e
             await self.backing.write(offset, data, fua=fua)
-            await self._durable(pending, "write")
+            try:
+                await pending
+            except JournalError as e:
+                raise journal_error(e, "write") from e
         finally:
-            self.guard.exit_write(token)
+            guard.exit_write(token)
         self._count(len(data))
 
     async def write_zeroes(

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -119,6 +120,13 @@ log = logging.getLogger(__name__)
 _LATEST_FOLD_ROWS = 65536
 """The latest view lays up to this many new records over its map per read, then rebuilds it."""
 _UNDO_CHUNK_EXTENTS = 8192
+_SYNCS_AHEAD = 2
+"""Batches written and not yet synced, at most: one syncing, the next one written meanwhile."""
+_OVERLAP_BYTES = 256 << 10
+"""A batch of this many bytes or more is synced on the sync thread while the next one is
+written: writing it into the page cache takes long enough to be worth overlapping (measured:
+1-20 ms for 1-16 MiB, as long as the fdatasync). Smaller batches (4 KiB writes) are written and
+synced in one step on the I/O thread, one thread hand-over less per batch."""
 
 
 @dataclass(frozen=True)
@@ -177,7 +185,29 @@ class PendingAppend:
     future: asyncio.Future[None]
 
     def __await__(self) -> Any:
-        return asyncio.shield(self.future).__await__()
+        # What asyncio.shield does, for one future and with less work (one per write): the
+        # awaiting task may be cancelled, the record's future goes on.
+        inner = self.future
+        if inner.done():
+            return inner.result()
+        outer: asyncio.Future[None] = inner.get_loop().create_future()
+        inner.add_done_callback(functools.partial(_relay, outer))
+        return (yield from outer)
+
+
+def _relay(outer: asyncio.Future[None], inner: asyncio.Future[None]) -> None:
+    """Pass a record's outcome on to one awaiter (unless it gave up waiting)."""
+    if inner.cancelled():
+        if not outer.done():
+            outer.cancel()
+        return
+    exc = inner.exception()  # retrieved either way: no "never retrieved" warning
+    if outer.done():
+        return
+    if exc is not None:
+        outer.set_exception(exc)
+    else:
+        outer.set_result(None)
 
 
 @dataclass
@@ -214,6 +244,9 @@ class Journal:
         self._active_pos = 0
         self._writer = SegmentWriter(self._segdir)
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-io")
+        self._sync = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-sync")
+        """fdatasyncs of written batches, in order, while the I/O thread writes the next."""
+        self._syncing: collections.deque[asyncio.Future[None]] = collections.deque()
         self._bg = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal-bg")
         """Work off the append path: spare files and sidecars."""
         self._spares = SparePool(
@@ -225,6 +258,7 @@ class Journal:
         self._active_prepared = 0
         """Size of the written space the active segment was made from (0: a new file)."""
         self._queue: list[_Queued] = []
+        self._queued_bytes = 0
         self._flusher: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -270,6 +304,7 @@ class Journal:
         except BaseException:
             j._spares.close()
             j._io.shutdown(wait=False)
+            j._sync.shutdown(wait=False)
             j._bg.shutdown(wait=False)
             raise
         return j
@@ -519,6 +554,7 @@ class Journal:
         self._spares.close()
         await loop.run_in_executor(self._io, self._close_sync)
         self._io.shutdown(wait=True)
+        self._sync.shutdown(wait=True)
         await loop.run_in_executor(None, self._bg.shutdown)
 
     def _close_sync(self) -> None:
@@ -671,6 +707,7 @@ class Journal:
             opens,
         )
         self._active_pos += size
+        self._queued_bytes += size
         # Only checkpoint acks skip a hold (see hold_acks); a position's ack is held like a write's.
         future = asyncio.get_running_loop().create_future()
         q = _Queued(rec, future, checkpoint is None, checkpoint, position)
@@ -744,28 +781,61 @@ class Journal:
         return p.seq
 
     async def _flush_loop(self) -> None:
+        """Write and sync each batch on the I/O thread, then ack it. A large batch (from
+        ``_OVERLAP_BYTES``) is synced on the sync thread instead, while the I/O thread writes
+        the next large one (at most ``_SYNCS_AHEAD`` batches between write and ack). Acks go
+        out in batch order."""
         loop = asyncio.get_running_loop()
         try:
-            while self._queue and self._failed is None:
+            while (self._queue or self._syncing) and self._failed is None:
+                large = self._queued_bytes >= _OVERLAP_BYTES
+                if self._syncing and (not large or len(self._syncing) >= _SYNCS_AHEAD):
+                    # Let appends gather into the next batch while the oldest sync runs.
+                    await asyncio.wait([self._syncing[0]])
+                    continue
                 batch, self._queue = self._queue, []
+                self._queued_bytes = 0
+                records = [q.rec for q in batch]
                 try:
-                    await loop.run_in_executor(
-                        self._io, self._writer.write_batch, [q.rec for q in batch]
-                    )
+                    if not large:
+                        await loop.run_in_executor(self._io, self._writer.write_batch, records)
+                        self.batches += 1
+                        self._complete(batch)
+                        continue
+                    fd = await loop.run_in_executor(self._io, self._writer.write_unsynced, records)
                 except Exception as exc:  # OSError, or a bug: never leave appenders hanging
-                    self._failed = exc
-                    log.error(self._log("journal: write failed, stopping", error=exc))
-                    err = JournalIOError(f"journal write failed: {exc}")
-                    for q in batch + self._queue:
-                        if not q.future.done():
-                            q.future.set_exception(err)
-                    self._queue = []
+                    self._fail(exc, batch)
                     break
-                self.batches += 1
-                self._complete(batch)
+                synced = loop.run_in_executor(self._sync, self._writer.sync, fd)
+                self._syncing.append(synced)
+                synced.add_done_callback(functools.partial(self._synced, batch))
+            if self._syncing:  # a failure: let the syncs under way end before closing
+                await asyncio.wait(list(self._syncing))
         finally:
             self._flusher = None
             self._idle.set()
+
+    def _synced(self, batch: list[_Queued], fut: asyncio.Future[None]) -> None:
+        """A batch's sync ended (callbacks run in sync order, which is batch order)."""
+        self._syncing.popleft()
+        exc = None if fut.cancelled() else fut.exception()
+        if fut.cancelled() or exc is not None or self._failed is not None:
+            self._fail(exc or self._failed or JournalIOError("sync cancelled"), batch)
+            return
+        self.batches += 1
+        self._complete(batch)
+
+    def _fail(self, exc: BaseException, batch: list[_Queued]) -> None:
+        """Stop appending after an I/O error: fail ``batch`` and everything queued."""
+        if self._failed is None:
+            self._failed = exc
+            log.error(self._log("journal: write failed, stopping", error=exc))
+        err = JournalIOError(f"journal write failed: {self._failed}")
+        for q in batch + self._queue:
+            if not q.future.done():
+                q.future.set_exception(err)
+        self._queue = []
+        self._queued_bytes = 0
 
     def _complete(self, batch: list[_Queued]) -> None:
         """A batch is durable: index it, then ack (unless acks are held).

@@ -47,9 +47,11 @@ record's (the earlier incarnation's records all have seqs below ``first seq``). 
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -110,13 +112,49 @@ POSITION_PAYLOAD_MAX = 1 + MAX_SOURCE_NAME + _SOURCE_SEQ.size
 
 
 _extend = google_crc32c.extend
+_BUFFER_CRC_FROM = 64 << 10
+"""Payloads from this size on that are not ``bytes`` are checksummed in place (see
+_buffer_extend) instead of being copied into a ``bytes`` first."""
+
+
+def _load_buffer_extend() -> Callable[[int, int, int], int] | None:
+    """google_crc32c's ``extend`` takes only ``bytes``: a 1 MiB bytearray (an NBD write's
+    payload) would be copied first, which costs several times the checksum itself. Its C
+    extension links the C library's ``crc32c_extend(crc, pointer, length)``; called through
+    ctypes it reads any buffer in place (and releases the GIL). None when not available (the
+    pure-Python build)."""
+    cext = getattr(google_crc32c, "_crc32c", None)
+    path = getattr(cext, "__file__", None)
+    if path is None:
+        return None
+    try:
+        function = ctypes.CDLL(path).crc32c_extend  # found in the library it links
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t]
+    function.restype = ctypes.c_uint32
+    extend: Callable[[int, int, int], int] = function
+    return extend
+
+
+_buffer_extend = _load_buffer_extend()
+
+
+def _extend_any(crc: int, data: bytes | bytearray | memoryview) -> int:
+    """``_extend`` over any contiguous buffer, without a copy for large writable ones."""
+    if isinstance(data, bytes):
+        return int(_extend(crc, data))
+    if _buffer_extend is not None and len(data) >= _BUFFER_CRC_FROM:
+        view = memoryview(data)
+        if view.contiguous and not view.readonly:
+            cells = (ctypes.c_char * view.nbytes).from_buffer(view)
+            return int(_buffer_extend(crc, ctypes.addressof(cells), view.nbytes))
+    return int(_extend(crc, bytes(data)))
 
 
 def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
-    """CRC32C of ``data``, continuing ``crc``. (google_crc32c takes only ``bytes``.)"""
-    if not isinstance(data, bytes):
-        data = bytes(data)
-    return int(_extend(crc, data))
+    """CRC32C of ``data``, continuing ``crc``."""
+    return _extend_any(crc, data)
 
 
 class RecordType(enum.IntEnum):
@@ -184,7 +222,7 @@ def encode_header(
     fields = (RECORD_MAGIC, RECORD_VERSION, rtype, 0, volume, len(payload), seq, offset, length)
     crc = _extend(0, HEADER.pack(*fields, time_ns, 0, incarnation))
     if payload:
-        crc = _extend(crc, payload if isinstance(payload, bytes) else bytes(payload))
+        crc = _extend_any(crc, payload)
     return HEADER.pack(*fields, time_ns, crc, incarnation)
 
 

@@ -3,7 +3,10 @@
 Appends are queued in sequence order by the event loop thread (positions in the segment are
 assigned at queue time). One flusher task hands the queue, as it is, to a dedicated I/O thread,
 which writes it with ``pwritev`` and fdatasyncs; appends arriving meanwhile form the next batch
-(pipelining: while a fsync is in flight the next batch accumulates). When a batch crosses into a
+(pipelining: while a fsync is in flight the next batch accumulates). A large batch is instead
+fdatasynced by a second thread while the first one writes the next (the journal decides, see
+``_OVERLAP_BYTES``); syncs run one at a time in batch order, and a batch is acked once its sync
+returns. When a batch crosses into a
 new segment, the old segment is sealed (cut to its last record and synced) before the new one is
 created, so a crash can never leave records in a newer segment behind a torn tail in an older one.
 
@@ -115,6 +118,14 @@ class SegmentWriter:
 
     def write_batch(self, batch: Sequence[PendingRecord]) -> None:
         """Write and fdatasync a batch (records in sequence order, possibly spanning segments)."""
+        self.sync(self.write_unsynced(batch))
+
+    def write_unsynced(self, batch: Sequence[PendingRecord]) -> int:
+        """Write a batch without the final fdatasync; returns a duplicate of the segment's fd
+        for :meth:`sync` (which closes it), so that the sync may run while the next batch is
+        written, even if that batch seals the segment and closes its own fd.
+
+        Segments sealed on the way are durable when this returns (see _seal)."""
         i = 0
         while i < len(batch):
             r = batch[i]
@@ -128,7 +139,15 @@ class SegmentWriter:
                 j += 1
             self._write_run(batch[i:j])
             i = j
-        os.fdatasync(self.fd)
+        return os.dup(self.fd)
+
+    def sync(self, fd: int) -> None:
+        """fdatasync a duplicate fd from :meth:`write_unsynced`, then close it: every batch
+        written to its segment before this call is then durable."""
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
         self.fsyncs += 1
 
     def _seal(self) -> None:

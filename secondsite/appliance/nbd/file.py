@@ -2,9 +2,13 @@
 
 Reads and writes are ``pread``/``pwrite`` issued in request order. By default they run directly
 on the event loop: on these machines a 4 KiB ``pwrite`` to the page cache costs a few microseconds,
-far less than handing it to a thread and back (see ``tests/bench/bench_nbd.py``). ``threaded=True``
-moves every operation to one worker thread instead (same order), for backends where a single call
-may block for long, such as a cold disk. ``fdatasync`` (flush, FUA) always runs in a thread.
+far less than handing it to a thread and back (see ``tests/bench/bench_nbd.py``). Large writes
+(from ``THREAD_WRITE_BYTES``) go to one worker thread even so: a 1 MiB ``pwrite`` holds the loop
+for 0.1-0.2 ms, during which it could take in the next requests. While such a write is under way,
+later changes (writes, zeroing, trim) queue behind it on the same thread, so they reach the file in
+request order as before. ``threaded=True`` moves every operation to the worker thread (same
+order), for backends where a single call may block for long, such as a cold disk.
+``fdatasync`` (flush, FUA) always runs in a thread.
 
 Trim punches holes (``fallocate(PUNCH_HOLE)``); write zeroes punches holes when the client allows
 it and otherwise uses ``fallocate(ZERO_RANGE)``, falling back to writing zeroes; block status
@@ -37,6 +41,8 @@ _HOLE_AND_ZERO: Final = 3  # base:allocation NBD_STATE_HOLE | NBD_STATE_ZERO
 _MAX_EXTENTS: Final = 256
 _ZERO_CHUNK: Final = memoryview(bytes(1024 * 1024))
 _UNSUPPORTED: Final = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV)
+THREAD_WRITE_BYTES: Final = 256 * 1024
+"""Writes from this size on run on the worker thread (see the module docstring)."""
 
 
 def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
@@ -84,7 +90,10 @@ class FileExport(Export):
             raise
         self._block_sizes = block_sizes or BlockSizes()
         self._description = description
+        self._threaded = threaded
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="nbd-file") if threaded else None
+        self._queued = 0
+        """Changes handed to the worker thread and not finished (default mode)."""
         self._can_punch = _fallocate is not None
         self._can_zero_range = _fallocate is not None
         self._can_seek_data = self._regular
@@ -136,15 +145,35 @@ class FileExport(Export):
         self.close()
 
     async def _call(self, function: Callable[..., _T], *args: object) -> _T:
-        if self._executor is None:
+        if not self._threaded:
             return function(*args)
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+    async def _change(self, large: bool, function: Callable[..., _T], *args: object) -> _T:
+        """Run a change of the file: inline, or on the worker thread when it is large or when
+        changes queued there are not finished (they keep request order)."""
+        if self._threaded or not (large or self._queued):
+            return await self._call(function, *args)
+        return await self._queue_change(function, *args)
+
+    async def _queue_change(self, function: Callable[..., _T], *args: object) -> _T:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="nbd-file")
+        self._queued += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, function, *args)
+        finally:
+            self._queued -= 1
 
     async def read(self, offset: int, length: int) -> BytesLike:
         return await self._call(self._pread, offset, length)
 
     async def write(self, offset: int, data: BytesLike, *, fua: bool) -> None:
-        await self._call(self._pwrite, offset, data)
+        if self._threaded or self._queued or len(data) >= THREAD_WRITE_BYTES:
+            await self._change(True, self._pwrite, offset, data)
+        else:  # the common case, without a coroutine per call
+            self._pwrite(offset, data)
         if fua:
             await self._sync()
 
@@ -152,12 +181,12 @@ class FileExport(Export):
         await self._sync()
 
     async def trim(self, offset: int, length: int) -> None:
-        await self._call(self._punch, offset, length)
+        await self._change(False, self._punch, offset, length)
 
     async def write_zeroes(
         self, offset: int, length: int, *, fua: bool, may_trim: bool, fast: bool = False
     ) -> None:
-        await self._call(self._zero, offset, length, may_trim, fast)
+        await self._change(False, self._zero, offset, length, may_trim, fast)
         if fua:
             await self._sync()
 

@@ -119,3 +119,18 @@ async def test_volumes_added_at_once_get_their_own_ids(tmp_path: Path) -> None:
         async with await j.open_image(f"v{i}", cp) as img:
             assert await img.read(0, 4096) == bytes([i + 1]) * 4096
     await j.close()
+
+
+async def test_an_awaiter_giving_up_leaves_the_append_going(journal: Journal) -> None:
+    """A client that goes away cancels its wait, not the record: it still becomes durable, and
+    whoever awaits it later gets its outcome."""
+    pending = journal.submit_write("a", 0, b"q" * 4096)
+    waiter = asyncio.ensure_future(asyncio.wait_for(pending, timeout=1e-6))
+    with pytest.raises(TimeoutError):
+        await waiter
+    await pending
+    assert journal.durable_seq >= pending.seq
+    await pending  # done: answers at once
+    cp = await journal.checkpoint()
+    async with await journal.open_image("a", cp) as img:
+        assert await img.read(0, 4096) == b"q" * 4096

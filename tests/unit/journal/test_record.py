@@ -46,6 +46,19 @@ def test_header_round_trip_and_crc() -> None:
     assert crc_ok(raw, payload, h.crc)
 
 
+@pytest.mark.parametrize("size", [1, 4096, (64 << 10) - 1, 64 << 10, (1 << 20) + 3])
+def test_a_payload_in_any_buffer_gets_the_crc_of_its_bytes(size: int) -> None:
+    """NBD hands large writes over as bytearrays (checksummed in place): the header must be the
+    same as for the bytes, and a scan must accept it."""
+    data = bytes((i * 7 + size) % 251 for i in range(size))
+    for payload in (bytearray(data), memoryview(bytearray(data)), memoryview(data)[0:]):
+        raw = encode_header(RecordType.WRITE, 1, 9, 0, size, 5, payload, incarnation=3)
+        assert raw == encode_header(RecordType.WRITE, 1, 9, 0, size, 5, data, incarnation=3)
+        h = decode_header(raw)
+        assert h is not None and crc_ok(raw, data, h.crc)
+    assert crc32c(memoryview(bytearray(data))[1:], 17) == crc32c(data[1:], 17)
+
+
 @pytest.mark.parametrize("where", [0, 10, 500, 1099])
 def test_crc_detects_a_flipped_payload_byte(where: int) -> None:
     payload = bytearray(b"x" * 1100)

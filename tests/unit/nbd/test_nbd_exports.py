@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 from pathlib import Path
@@ -64,6 +65,25 @@ async def test_file_export_unaligned_zeroing(file_export: FileExport) -> None:
     await file_export.write(0, b"z" * 10000, fua=False)
     await file_export.write_zeroes(100, 5000, fua=False, may_trim=True)
     assert await file_export.read(0, 10000) == b"z" * 100 + bytes(5000) + b"z" * 4900
+
+
+async def test_file_export_changes_land_in_request_order(file_export: FileExport) -> None:
+    """A large write goes to the worker thread; smaller changes started after it, over the same
+    bytes, must not overtake it."""
+    changes = [
+        file_export.write(0, bytearray(b"\xaa" * 2 * MiB), fua=False),
+        file_export.write(4096, b"\xbb" * 4096, fua=False),
+        file_export.write_zeroes(8192, 4096, fua=False, may_trim=False),
+        file_export.trim(12288, 4096),
+        file_export.write(MiB, b"\xcc" * 100, fua=False),
+    ]
+    await asyncio.gather(*changes)
+    want = bytearray(b"\xaa" * 2 * MiB)
+    want[4096:8192] = b"\xbb" * 4096
+    want[8192:16384] = bytes(8192)
+    want[MiB : MiB + 100] = b"\xcc" * 100
+    assert await file_export.read(0, 2 * MiB) == want
+    assert await file_export.read(0, 16) == b"\xaa" * 16  # served inline again afterwards
 
 
 async def test_file_export_read_only(tmp_path: Path) -> None:
