@@ -1,7 +1,7 @@
 """Benchmark of replication between appliances over loopback (mutual TLS), against the single
 appliance (replication to self) on the same workload.
 
-Run: ``.venv/bin/python tests/bench/bench_replication.py`` (a script, not a test; about five
+Run: ``.venv/bin/python tests/bench/bench_replication.py`` (a script, not a test; five to ten
 minutes; ``--help`` for options). Appliances are `secondsite appliance` processes, as in the e2e
 tests. Every journal, single or recovery side, has the product's defaults for its segments
 (``segmentBytes``) and the same checkpoint interval in a section, so the baseline differs from
@@ -16,7 +16,11 @@ the replicated run only by the stream.
    (asynchronous replication), while the single appliance acks once its journal has the record
    durable; so every replicated run ends only when the recovery side has it all durable, and
    the second ratio counts that drain time in. Each side runs ``--repeat`` times, alternating,
-   and the medians are compared (the spills and wire/body columns are of the last run).
+   and the medians are compared (the spills and wire/body columns are of the last run). CPU
+   columns: process CPU seconds per GB written of the single appliance, and of the protected and
+   recovery appliances (until drained): the cost of replication to each node, which is less
+   noisy than throughput on a shared machine (here the two appliances of the replicated run
+   share its cores, where in production each has its node's).
 2. RPO under sustained writes paced at ``--rates`` MB/s (256 KiB writes of random bytes, up to
    16 in flight): the protected side's replication lag, i.e. the age of the oldest acknowledged
    write that the recovery side has not acknowledged durable (what a loss of the protected site
@@ -219,31 +223,37 @@ async def throughput(
     copied = int(1024 * scale) * MiB
     source = await asyncio.to_thread(make_source, workdir / "random.src", "incompressible", copied)
     seq, scattered = int(1200 * scale), int(40_000 * scale)
-    loads: list[tuple[str, str, float, Load]] = [
-        ("1M seq write qd16, zero-filled (qemu-img bench)", "MB/s", seq * MiB / 1e6,
+    loads: list[tuple[str, str, float, int, Load]] = [
+        ("1M seq write qd16, zero-filled (qemu-img bench)", "MB/s", seq * MiB / 1e6, seq * MiB,
          lambda uri: qemu_img_bench(uri, MiB, seq, MiB)),
         ("4k scattered write qd16, zero-filled (qemu-img bench)", "IOPS", scattered,
-         lambda uri: qemu_img_bench(uri, 4096, scattered, 4096 * 100_003)),
-        ("1M seq write qd16, random bytes (nbdcopy)", "MB/s", copied / 1e6,
+         scattered * 4096, lambda uri: qemu_img_bench(uri, 4096, scattered, 4096 * 100_003)),
+        ("1M seq write qd16, random bytes (nbdcopy)", "MB/s", copied / 1e6, copied,
          lambda uri: nbdcopy(source, uri)),
     ]  # fmt: skip
     rows: list[list[str]] = []
-    for name, unit, amount, load in loads:
+    for name, unit, amount, nbytes, load in loads:
         singles, replicateds, drains = [], [], []
+        cpu: dict[str, list[float]] = {"single": [], "protected": [], "recovery": []}
         for _ in range(repeat):  # alternating, so that a change of the machine's load hits both
             base_dir = Path(tempfile.mkdtemp(dir=workdir))
             local = local_node(base_dir, size)
             with started(local):
                 await asyncio.sleep(1.0)
+                cpu0 = cpu_seconds(local.pid)
                 singles.append(await asyncio.to_thread(load, local.uri("vol0")))
+                cpu["single"].append(cpu_seconds(local.pid) - cpu0)
             shutil.rmtree(base_dir, ignore_errors=True)
 
             rep_dir = Path(tempfile.mkdtemp(dir=workdir))
             recovery, prot = replicated_pair(rep_dir, pki, size)
             with started(recovery, prot):
                 await synced(prot)
+                cpu0, rcpu0 = cpu_seconds(prot.pid), cpu_seconds(recovery.pid)
                 replicateds.append(await asyncio.to_thread(load, prot.uri("vol0")))
-                drains.append(await drained(prot))
+                drains.append(await drained(prot, period=0.05))
+                cpu["protected"].append(cpu_seconds(prot.pid) - cpu0)
+                cpu["recovery"].append(cpu_seconds(recovery.pid) - rcpu0)
                 status = await prot.protected_status(VPG)
             shutil.rmtree(rep_dir, ignore_errors=True)
         single, replicated = statistics.median(singles), statistics.median(replicateds)
@@ -259,6 +269,7 @@ async def throughput(
                 f"{drain:.2f}",
                 f"{status.stream.wire_ratio:.2f}",
                 f"{status.buffer.spills}",
+                *(f"{statistics.median(cpu[k]) / (nbytes / 1e9):.2f}" for k in cpu),
             ]
         )
     source.unlink()
@@ -496,7 +507,7 @@ async def run(args: argparse.Namespace) -> None:
                 "Throughput: single appliance vs replicated (protected -> recovery, mutual TLS),"
                 f" median of {args.repeat}",
                 ["workload", "unit", "single", "replicated", "ratio", "ratio+drain",
-                 "drain s", "wire/body", "spills"],
+                 "drain s", "wire/body", "spills", "CPU single", "CPU prot.", "CPU rec."],
                 rows,
             )  # fmt: skip
             summary += [
