@@ -11,8 +11,9 @@ an ERROR from the receiver, or a receiver silent for ``peer_timeout``). Each con
 3. ACK(seq) frees records up to seq. Records stay in the buffer until then, whatever happens to
    the connection, so a resume never loses one; the receiver skips anything at or below its
    position, so a resend never applies one twice.
-4. :meth:`StreamSender.checksums` sends SUMS_ASK at once and waits for its SUMS (several may be
-   in flight); a connection lost meanwhile fails it with :class:`SumsLost` (ask again).
+4. :meth:`StreamSender.checksums` sends SUMS_ASK at once and waits for its SUMS (up to
+   ``sums_inflight`` at a time, within what the receiver takes); a connection lost meanwhile fails
+   it with :class:`SumsLost` (ask again).
 5. HOLD(id) calls ``on_hold(id)``: the caller holds acks to its writers, appends a
    CHECKPOINT_MARK for ``id`` to the buffer and returns its seq (``on_hold`` must not leave a hold
    behind if it raises). MARKED(id, seq) goes out at once, ahead of any DATA still queued, so a
@@ -154,6 +155,9 @@ class SenderSettings:
     hold_timeout: float = 10.0
     """Seconds a checkpoint hold may last before it is released here."""
     max_body: int = MAX_BODY
+    sums_inflight: int = 32
+    """Checksum requests (SUMS_ASK) waiting for their answers at a time; more wait here (the
+    receiver takes up to its ``max_sums_inflight``, 64 by default)."""
     write_buffer_high: int = 1024 * 1024
     """Unsent bytes in the socket's buffer above which the sender waits (bounded memory). Kept
     small: control frames (MARKED) queue behind these bytes."""
@@ -272,6 +276,7 @@ class StreamSender:
         self._sums: dict[int, tuple[asyncio.Future[bytes], int]] = {}
         """SUMS_ASK request id -> (its answer's future, the digests expected)."""
         self._sum_ids = itertools.count(1)
+        self._sum_slots = asyncio.Semaphore(self.settings.sums_inflight)
         self.sent_seq = buffer.acked_seq
         self._sent_high = buffer.acked_seq
         """Newest seq ever written to a socket by this sender (across connections)."""
@@ -329,17 +334,18 @@ class StreamSender:
         """Digests (``frames.DIGEST_SIZE`` bytes per block) of [offset, offset+length) of volume
         index ``volume`` as the receiver has it, with every record sent before this call in it.
         Raises :class:`SumsLost` without a connection, or when it is lost before the answer."""
-        writer = self._writer
-        if writer is None or writer.is_closing():
-            raise SumsLost("not connected")
-        ask = SumsAsk(next(self._sum_ids), volume, offset, length, block_size)
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._sums[ask.request] = (future, ask.blocks)
-        try:
-            self._write(writer, encode(ask))
-            return await future
-        finally:
-            self._sums.pop(ask.request, None)
+        async with self._sum_slots:
+            writer = self._writer
+            if writer is None or writer.is_closing():
+                raise SumsLost("not connected")
+            ask = SumsAsk(next(self._sum_ids), volume, offset, length, block_size)
+            future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+            self._sums[ask.request] = (future, ask.blocks)
+            try:
+                self._write(writer, encode(ask))
+                return await future
+            finally:
+                self._sums.pop(ask.request, None)
 
     def _lose_sums(self) -> None:
         for future, _ in self._sums.values():

@@ -53,6 +53,20 @@ async def test_an_answer_counts_every_record_sent_before_the_request(rig: Rig) -
     assert answers[2] == block_digests(bytes(2 * MiB), 1 * MiB)
 
 
+async def test_many_requests_at_once_stay_within_what_the_receiver_takes(rig: Rig) -> None:
+    sink = MemorySink()
+    _, port = await rig.receiver({"vpg-a": sink})
+    src = rig.source("node-1", tcp_connector("127.0.0.1", port), settings=FAST)
+    while not src.sender.connected:
+        await asyncio.sleep(0.01)
+    # Many volumes in delta sync at once ask more than the receiver's 64 in flight.
+    answers = await asyncio.gather(
+        *(src.sender.checksums(i % 2, (i % 32) * 64 * KiB, 64 * KiB, 4096) for i in range(200))
+    )
+    assert all(a == block_digests(bytes(64 * KiB), 4096) for a in answers)
+    assert src.sender.metrics().sessions == 1
+
+
 async def test_a_lost_connection_fails_the_request(rig: Rig) -> None:
     sink = MemorySink(commit_delay=5.0)  # the answer waits for a commit that comes too late
     _, port = await rig.receiver({"vpg-a": sink})
