@@ -65,18 +65,19 @@ class ReversePlan:
     config: ApplianceConfig
     """The appliance's config with the VPG reversed: apply it like a `PUT /v1/config`."""
     former: ApplianceConfig
-    """The config it was planned from (what :meth:`discard` cleans up after)."""
+    """The config it was planned from; equal to ``config`` when the VPG had ``role`` already
+    (a repeated call: nothing to do)."""
     vpg: str
 
     def discarded_journal(self) -> Path | None:
         """The directory of the journal that goes away (becoming protected), else None."""
-        if self.role is not ReverseRole.PROTECTED:
+        if self.role is not ReverseRole.PROTECTED or self.config == self.former:
             return None
         return self.former.journal_for(self.vpg).directory
 
     def discarded_protection(self) -> tuple[ProtectedVpgSpec, list[VolumeSpec]] | None:
         """The protected entry and volumes whose sync state goes away (becoming recovery)."""
-        if self.role is not ReverseRole.RECOVERY:
+        if self.role is not ReverseRole.RECOVERY or self.config == self.former:
             return None
         return self.former.protected_for(self.vpg), self.former.volumes_of(self.vpg)
 
@@ -84,13 +85,16 @@ class ReversePlan:
 def plan_reverse(
     config: ApplianceConfig,
     vpg: str,
+    role: ReverseRole,
     *,
     peer: str,
     peer_stream: str | None = None,
     directory: Path | None = None,
     recovered: RecoveredVpg | None = None,
 ) -> ReversePlan:
-    """``config`` with ``vpg`` reversed (module doc); a pure function.
+    """``config`` with ``vpg`` reversed (module doc) so that this appliance takes ``role`` for
+    it; a pure function. Idempotent: when the VPG has ``role`` here already, with ``peer`` at the
+    other end, the plan changes nothing (a repeated call must not swap the direction back).
 
     ``peer``: the other appliance's name (its identity in replication streams); ``peer_stream``:
     its stream listener (`host:port`), needed where this appliance becomes the protected one;
@@ -103,13 +107,30 @@ def plan_reverse(
     local copy to become a replica), no stream listener to receive the reversed stream, or a
     peer that is not the other end of the VPG.
     """
-    if any(j.vpg == vpg for j in config.journals):
+    journaled = any(j.vpg == vpg for j in config.journals)
+    protected = any(p.vpg == vpg for p in config.protected)
+    if not journaled and not protected:
+        raise UnknownVpgError(f"no VPG {vpg!r} journaled or protected on this appliance")
+    if role is ReverseRole.PROTECTED and protected:
+        recovery = config.protected_for(vpg).recovery
+        if peer_stream is not None and peer_stream != recovery:
+            raise ReverseRefused(
+                f"VPG {vpg} is protected here already, streaming to {recovery}, not {peer_stream}"
+            )
+        return ReversePlan(role, config, config, vpg)
+    if role is ReverseRole.RECOVERY and journaled:
+        sources = config.journal_for(vpg).sources
+        if sources != [peer]:
+            raise ReverseRefused(
+                f"VPG {vpg} is journaled here already, from {', '.join(sources) or 'local capture'}"
+                f", not from {peer}"
+            )
+        return ReversePlan(role, config, config, vpg)
+    if journaled:
         if recovered is None:
             raise ValueError("reversing a journaled VPG needs what the runtime knows of it")
         return _recovery_to_protected(config, vpg, peer, peer_stream, directory, recovered)
-    if any(p.vpg == vpg for p in config.protected):
-        return _protected_to_recovery(config, vpg, peer, directory)
-    raise UnknownVpgError(f"no VPG {vpg!r} journaled or protected on this appliance")
+    return _protected_to_recovery(config, vpg, peer, directory)
 
 
 def _recovery_to_protected(

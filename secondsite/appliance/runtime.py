@@ -68,7 +68,7 @@ from secondsite.appliance.journal import (
 from secondsite.appliance.nbd.server import NBDServer, new_event_loop
 from secondsite.appliance.protected import ProtectedVpg, discard_sync_state
 from secondsite.appliance.recovery import RecoveryVpg
-from secondsite.appliance.reverse import RecoveredVpg, ReversePlan, plan_reverse
+from secondsite.appliance.reverse import RecoveredVpg, ReversePlan, ReverseRole, plan_reverse
 from secondsite.appliance.stream import BandwidthLimiter, StreamReceiver, StreamSink, server_context
 from secondsite.appliance.vpg import JournaledVpg, VpgRuntime
 
@@ -697,15 +697,17 @@ class Appliance:
     async def reverse(
         self,
         vpg_name: str,
+        role: ReverseRole,
         *,
         peer: str,
         peer_stream: str | None = None,
         directory: Path | None = None,
     ) -> ReverseResult:
         """Swap the VPG's direction of protection with the appliance ``peer`` (`reverse`
-        module): plan this appliance's side, apply it like a `PUT /v1/config`, then discard the
-        state of the role the VPG left. Raises :class:`ReverseRefused` (nothing changed) when
-        the VPG cannot be reversed here."""
+        module), this appliance taking ``role``: plan this appliance's side, apply it like a
+        `PUT /v1/config`, then discard the state of the role the VPG left. Nothing changes when
+        the VPG has ``role`` already. Raises :class:`ReverseRefused` (nothing changed) when the
+        VPG cannot be reversed here."""
         async with self._apply_lock:
             recovered = None
             if vpg_name in self.vpgs:
@@ -719,6 +721,7 @@ class Appliance:
             plan = plan_reverse(
                 self.config,
                 vpg_name,
+                role,
                 peer=peer,
                 peer_stream=peer_stream,
                 directory=directory,

@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 import aiohttp
 from pydantic import BaseModel, ValidationError
@@ -403,18 +403,21 @@ class ControlClient:
     async def reverse(
         self,
         vpg: str,
+        role: Literal["protected", "recovery"],
         *,
         peer: str,
         peer_stream: str | None = None,
         directory: Path | None = None,
     ) -> ReverseResult:
         """Reverse the VPG's direction of protection after a committed failover (call it on
-        both appliances): ``peer`` is the other appliance's name, ``peer_stream`` its stream
-        address (needed on the former recovery appliance, which starts streaming to it);
-        ``directory`` where the new role keeps its files. Raises ConflictError when the VPG
-        cannot be reversed here (the message says why), and then changes nothing."""
+        both appliances): this appliance takes ``role`` (`protected` where the VPG failed over
+        to, `recovery` where it came from; a repeated call changes nothing), ``peer`` is the
+        other appliance's name, ``peer_stream`` its stream address (needed where this appliance
+        becomes protected and streams to it); ``directory`` where the new role keeps its files.
+        Raises ConflictError when the VPG cannot be reversed here (the message says why), and
+        then changes nothing."""
         url = self._url("v1", "vpgs", vpg, "reverse")
-        body = ReverseRequest(peer=peer, peer_stream=peer_stream, directory=directory)
+        body = ReverseRequest(role=role, peer=peer, peer_stream=peer_stream, directory=directory)
         return await self._model(ReverseResult, "POST", url, body=body)
 
     async def force_sync(self, vpg: str) -> ProtectedVpgStatus:

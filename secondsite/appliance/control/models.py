@@ -232,8 +232,13 @@ class MirrorReadyRequest(_Request):
 
 
 class ReverseRequest(_Request):
-    """`POST /v1/vpgs/{vpg}/reverse`: what the appliance needs to know of the other end."""
+    """`POST /v1/vpgs/{vpg}/reverse`: the role the appliance takes, and what it needs to know of
+    the other end."""
 
+    role: Literal["protected", "recovery"]
+    """The role this appliance takes for the VPG: `protected` on the appliance where the VPG
+    failed over to, `recovery` on the one it came from. Asking for the role the VPG has already
+    (a retried request) changes nothing."""
     peer: Annotated[str, Field(min_length=1, max_length=63)]
     """The other appliance's name (its identity in replication streams)."""
     peer_stream: str | None = None

@@ -28,12 +28,13 @@ Routes (every `/v1` route needs `Authorization: Bearer <token>`, and a client ce
 
 Reverse (reverse protection, failback; see `secondsite.appliance.reverse`): called on both
 appliances of a VPG after a failover was committed on the recovery one. On the recovery appliance
-(body: the peer's `peer` name and `peerStream` address) the journal goes and its replicas become
-in-path volumes streamed to the peer (a delta sync first: only blocks that differ); on the
-protected one (body: the peer's `peer` name) the volumes stop being served and their backing
-files become the replicas of a journal fed by the peer. The reversed config is applied like a
-`PUT /v1/config`; 409 `cannot-reverse` says why a VPG cannot be reversed (no committed failover,
-a promotion not committed, mirror targets, ...).
+(body: `role: protected`, the peer's `peer` name and `peerStream` address) the journal goes and
+its replicas become in-path volumes streamed to the peer (a delta sync first: only blocks that
+differ); on the protected one (body: `role: recovery` and the peer's `peer` name) the volumes
+stop being served and their backing files become the replicas of a journal fed by the peer.
+Asking for the role the VPG has already changes nothing (a retried request). The reversed config
+is applied like a `PUT /v1/config`; 409 `cannot-reverse` says why a VPG cannot be reversed (no
+committed failover, a promotion not committed, mirror targets, ...).
 
 `force-sync` (on the protected appliance) starts a delta sync by block checksums of every
 in-path volume of the VPG (409 nothing-to-sync when it has none: mirror targets are QEMU's to
@@ -57,6 +58,7 @@ from pydantic import BaseModel
 
 from secondsite.appliance.config import ApplianceConfig, ListenSpec
 from secondsite.appliance.journal import Checkpoint
+from secondsite.appliance.reverse import ReverseRole
 
 from .auth import TokenFile, server_ssl_context
 from .errors import ApiError, UnknownVolumeError, api_error
@@ -411,6 +413,7 @@ class ControlServer:
         body = await _body(request, ReverseRequest)
         result = await self._appliance.reverse(
             request.match_info["vpg"],
+            ReverseRole(body.role),
             peer=body.peer,
             peer_stream=body.peer_stream,
             directory=body.directory,

@@ -281,11 +281,11 @@ async def test_reverse_refuses_a_locally_captured_vpg(
 ) -> None:
     await client.put_config(appliance.config([journal(workdir, "app")], []))
     with pytest.raises(ConflictError) as info:
-        await client.reverse("app", peer="elsewhere", peer_stream="127.0.0.1:9")
+        await client.reverse("app", "protected", peer="elsewhere", peer_stream="127.0.0.1:9")
     assert info.value.code == "cannot-reverse" and "local capture" in info.value.message
     assert [j.vpg for j in (await client.get_config()).journals] == ["app"]
     with pytest.raises(NotFoundError):
-        await client.reverse("nope", peer="elsewhere")
+        await client.reverse("nope", "recovery", peer="elsewhere")
 
 
 async def test_a_vpg_that_fails_to_start_undoes_the_whole_apply(

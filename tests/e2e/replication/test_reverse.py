@@ -115,7 +115,7 @@ async def test_reverse_protection_and_failback(workdir: Path, pki: Pki, nodes: l
         await c.take_checkpoint(VPG, tag="before-failover")
         await c.promote(VPG, "tag:before-failover")
         with pytest.raises(ConflictError) as info:
-            await c.reverse(VPG, peer="prot-a", peer_stream=p_stream)
+            await c.reverse(VPG, "protected", peer="prot-a", peer_stream=p_stream)
         assert info.value.code == "cannot-reverse" and "not committed" in info.value.message
         await c.rollback(VPG)
     await fail_over(r, "failover")
@@ -130,11 +130,11 @@ async def test_reverse_protection_and_failback(workdir: Path, pki: Pki, nodes: l
     blocker.write_text("")
     async with p.client() as c:
         with pytest.raises(ServerError) as failed:
-            await c.reverse(VPG, peer="recovery", directory=blocker / "journal")
+            await c.reverse(VPG, "recovery", peer="recovery", directory=blocker / "journal")
         assert failed.value.code == "apply-failed" and "restarted as before" in failed.value.message
         assert [e.vpg for e in (await c.get_config()).protected] == [VPG]
         assert (await c.protected_status(VPG)).volumes.keys() == VOLUMES.keys()
-        result = await c.reverse(VPG, peer="recovery")
+        result = await c.reverse(VPG, "recovery", peer="recovery")
     assert result.role == "recovery"
     assert {(ch.kind, ch.action) for ch in result.changes} == {
         ("protected", "removed"),
@@ -142,7 +142,10 @@ async def test_reverse_protection_and_failback(workdir: Path, pki: Pki, nodes: l
         ("vpg", "added"),
     }
     async with r.client() as c:
-        result = await c.reverse(VPG, peer="prot-a", peer_stream=p_stream)
+        result = await c.reverse(VPG, "protected", peer="prot-a", peer_stream=p_stream)
+        # A retried request (its answer lost) changes nothing.
+        again = await c.reverse(VPG, "protected", peer="prot-a", peer_stream=p_stream)
+        assert again.role == "protected" and again.changes == []
         config = await c.get_config()
     assert result.role == "protected"
     assert config.journals == [] and {v.name: v.backing for v in config.volumes} == r_disks
@@ -176,9 +179,9 @@ async def test_reverse_protection_and_failback(workdir: Path, pki: Pki, nodes: l
     await fail_over(p, "failback")
     same_disks(p_disks, r_disks, "P's disks after the failback are not R's")
     async with r.client() as c:
-        assert (await c.reverse(VPG, peer="prot-a")).role == "recovery"
+        assert (await c.reverse(VPG, "recovery", peer="prot-a")).role == "recovery"
     async with p.client() as c:
-        result = await c.reverse(VPG, peer="recovery", peer_stream=r_stream)
+        result = await c.reverse(VPG, "protected", peer="recovery", peer_stream=r_stream)
         config = await c.get_config()
     assert result.role == "protected"
     assert {v.name: v.backing for v in config.volumes} == p_disks
@@ -218,14 +221,16 @@ async def test_reverse_while_the_protected_site_is_down(
 
     await fail_over(r, "last-good", tagged=True)
     async with r.client() as c:
-        assert (await c.reverse(VPG, peer="prot-a", peer_stream=p_stream)).role == "protected"
+        assert (
+            await c.reverse(VPG, "protected", peer="prot-a", peer_stream=p_stream)
+        ).role == "protected"
     await asyncio.to_thread(qemu_io, r.uri("disk"), "write -P 0x33 20M 2M")
     status = await r.protected_status(VPG)
     assert not status.connected
 
     p.start()  # its config file still protects the VPG
     async with p.client() as c:
-        assert (await c.reverse(VPG, peer="recovery")).role == "recovery"
+        assert (await c.reverse(VPG, "recovery", peer="recovery")).role == "recovery"
     await wait_streaming(r, p)
     await wait_identical({"disk": r_disk}, p, timeout=60)
     delta = (await r.protected_status(VPG)).volumes["disk"].delta_sync

@@ -62,7 +62,12 @@ def committed(checkpoint: int | None = 42, phase: str | None = None) -> Recovere
 
 def test_the_recovery_side_serves_its_replicas_and_streams_them_back() -> None:
     plan = plan_reverse(
-        recovery_side(), "db", peer="site-a", peer_stream=P_STREAM, recovered=committed()
+        recovery_side(),
+        "db",
+        ReverseRole.PROTECTED,
+        peer="site-a",
+        peer_stream=P_STREAM,
+        recovered=committed(),
     )
     assert plan.role is ReverseRole.PROTECTED
     config = plan.config
@@ -79,7 +84,7 @@ def test_the_recovery_side_serves_its_replicas_and_streams_them_back() -> None:
 
 
 def test_the_protected_side_journals_into_its_former_backing_files() -> None:
-    plan = plan_reverse(protected_side(), "db", peer="site-b")
+    plan = plan_reverse(protected_side(), "db", ReverseRole.RECOVERY, peer="site-b")
     assert plan.role is ReverseRole.RECOVERY
     config = plan.config
     assert config.protected == []
@@ -91,20 +96,29 @@ def test_the_protected_side_journals_into_its_former_backing_files() -> None:
     assert config.journal_for("web") == protected_side().journal_for("web")
     spec, volumes = plan.discarded_protection() or (None, [])
     assert spec == protected_side().protected_for("db") and len(volumes) == 2
-    given = plan_reverse(protected_side(), "db", peer="site-b", directory=Path("/srv/j"))
+    given = plan_reverse(
+        protected_side(), "db", ReverseRole.RECOVERY, peer="site-b", directory=Path("/srv/j")
+    )
     assert given.config.journal_for("db").directory == Path("/srv/j")
 
 
 def test_failback_returns_both_appliances_to_their_original_configs() -> None:
     p0, r0 = protected_side(), recovery_side()
-    p1 = plan_reverse(p0, "db", peer="site-b").config
-    r1 = plan_reverse(r0, "db", peer="site-a", peer_stream=P_STREAM, recovered=committed()).config
+    p1 = plan_reverse(p0, "db", ReverseRole.RECOVERY, peer="site-b").config
+    r1 = plan_reverse(
+        r0, "db", ReverseRole.PROTECTED, peer="site-a", peer_stream=P_STREAM, recovered=committed()
+    ).config
     # Failback: a failover committed on P (its replicas are the former backing files).
     backings = dict(p1.journal_for("db").replicas)
     p2 = plan_reverse(
-        p1, "db", peer="site-b", peer_stream=R_STREAM, recovered=RecoveredVpg(None, 7, backings)
+        p1,
+        "db",
+        ReverseRole.PROTECTED,
+        peer="site-b",
+        peer_stream=R_STREAM,
+        recovered=RecoveredVpg(None, 7, backings),
     ).config
-    r2 = plan_reverse(r1, "db", peer="site-a").config
+    r2 = plan_reverse(r1, "db", ReverseRole.RECOVERY, peer="site-a").config
     (spec,) = p2.protected
     assert spec.initial_sync is InitialSync.DELTA
     assert spec.model_copy(update={"initial_sync": InitialSync.FULL}) == p0.protected[0]
@@ -118,7 +132,9 @@ def test_failback_returns_both_appliances_to_their_original_configs() -> None:
 
 def test_the_reversed_config_applies_as_a_role_switch() -> None:
     r0 = recovery_side()
-    r1 = plan_reverse(r0, "db", peer="site-a", peer_stream=P_STREAM, recovered=committed()).config
+    r1 = plan_reverse(
+        r0, "db", ReverseRole.PROTECTED, peer="site-a", peer_stream=P_STREAM, recovered=committed()
+    ).config
     changes = [(c.kind, c.name, c.action) for c in plan_apply(r0, r1, {"db": None})]
     assert changes == [
         ("protected", "db", "added"),
@@ -126,6 +142,30 @@ def test_the_reversed_config_applies_as_a_role_switch() -> None:
         ("volume", "logs", "added"),
         ("vpg", "db", "removed"),
     ]
+
+
+def test_a_repeated_reverse_changes_nothing() -> None:
+    """A retried request (its answer lost) must not swap the direction back."""
+    r1 = plan_reverse(
+        recovery_side(),
+        "db",
+        ReverseRole.PROTECTED,
+        peer="site-a",
+        peer_stream=P_STREAM,
+        recovered=committed(),
+    ).config
+    p1 = plan_reverse(protected_side(), "db", ReverseRole.RECOVERY, peer="site-b").config
+    again = [
+        plan_reverse(r1, "db", ReverseRole.PROTECTED, peer="site-a", peer_stream=P_STREAM),
+        plan_reverse(p1, "db", ReverseRole.RECOVERY, peer="site-b"),
+    ]
+    for plan, before in zip(again, [r1, p1], strict=True):
+        assert plan.config == before
+        assert plan.discarded_journal() is None and plan.discarded_protection() is None
+    with pytest.raises(ReverseRefused, match=r"streaming to 10\.0\.0\.1:7400, not 10\.9\.9\.9:1"):
+        plan_reverse(r1, "db", ReverseRole.PROTECTED, peer="site-a", peer_stream="10.9.9.9:1")
+    with pytest.raises(ReverseRefused, match="journaled here already, from site-b, not from x"):
+        plan_reverse(p1, "db", ReverseRole.RECOVERY, peer="x")
 
 
 @pytest.mark.parametrize(
@@ -139,7 +179,12 @@ def test_the_reversed_config_applies_as_a_role_switch() -> None:
 def test_the_recovery_side_wants_a_committed_failover(recovered: RecoveredVpg, words: str) -> None:
     with pytest.raises(ReverseRefused, match=words):
         plan_reverse(
-            recovery_side(), "db", peer="site-a", peer_stream=P_STREAM, recovered=recovered
+            recovery_side(),
+            "db",
+            ReverseRole.PROTECTED,
+            peer="site-a",
+            peer_stream=P_STREAM,
+            recovered=recovered,
         )
 
 
@@ -157,7 +202,7 @@ def test_what_the_recovery_side_cannot_reverse(
 ) -> None:
     args: dict[str, Any] = {"vpg": "db", "peer_stream": P_STREAM, "recovered": committed(), **kw}
     with pytest.raises(ReverseRefused, match=words):
-        plan_reverse(config, **args)
+        plan_reverse(config, role=ReverseRole.PROTECTED, **args)
 
 
 def test_a_replica_name_taken_by_a_served_volume_is_refused() -> None:
@@ -170,6 +215,7 @@ def test_a_replica_name_taken_by_a_served_volume_is_refused() -> None:
         plan_reverse(
             config,
             "db",
+            ReverseRole.PROTECTED,
             peer="site-a",
             peer_stream=P_STREAM,
             recovered=RecoveredVpg(None, 1, replicas),
@@ -182,14 +228,14 @@ def test_what_the_protected_side_cannot_reverse() -> None:
         journals=[],
     )
     with pytest.raises(ReverseRefused, match="vm of VPG db are mirror targets"):
-        plan_reverse(mirrored, "db", peer="site-b")
+        plan_reverse(mirrored, "db", ReverseRole.RECOVERY, peer="site-b")
     no_listener = protected_side(listen={"nbdUnix": "/run/ss/nbd.sock"})
     with pytest.raises(ReverseRefused, match="no stream listener"):
-        plan_reverse(no_listener, "db", peer="site-b")
+        plan_reverse(no_listener, "db", ReverseRole.RECOVERY, peer="site-b")
     with pytest.raises(ReverseRefused, match="own name"):
-        plan_reverse(protected_side(), "db", peer="site-a")
+        plan_reverse(protected_side(), "db", ReverseRole.RECOVERY, peer="site-a")
     with pytest.raises(UnknownVpgError):
-        plan_reverse(protected_side(), "nope", peer="site-b")
+        plan_reverse(protected_side(), "nope", ReverseRole.RECOVERY, peer="site-b")
 
 
 # -- replicas of stream-fed journals ----------------------------------------------------------
