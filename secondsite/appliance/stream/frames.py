@@ -601,8 +601,9 @@ class FrameDecoder:
                 end = pos + HEADER_SIZE + length
                 if len(buf) < end:
                     break
-                head = bytes(buf[pos : pos + 12])
-                body = bytes(buf[pos + HEADER_SIZE : end])
+                with memoryview(buf) as view:  # one copy out of the buffer, not two
+                    head = bytes(view[pos : pos + 12])
+                    body = bytes(view[pos + HEADER_SIZE : end])
                 if crc32c(body, crc32c(head)) != crc:
                     raise ProtocolError(f"{_TYPES[tcode].name}: CRC mismatch")
                 if flags & FLAG_ZSTD:
