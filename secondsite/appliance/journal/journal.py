@@ -1260,6 +1260,7 @@ class Journal:
             for k in range(i, j):
                 at = src_l[k] - w0
                 replica.pwrite(mv[at : at + len_l[k]], dst_l[k])
+            replica.start_writeback()  # the final fdatasync then waits for less
             i = j
 
     def _retention_promote_sync(
