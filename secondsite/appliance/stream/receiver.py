@@ -503,7 +503,10 @@ class _Session:
     def begin_hold(self, request: int) -> _HoldWait:
         loop = asyncio.get_running_loop()
         wait = self._holds[request] = _HoldWait(loop.create_future(), loop.create_future())
-        self.send(Hold(request))
+        if self._ending:  # gone, registered only until its records in flight are durable
+            wait.fail("source disconnected")
+        else:
+            self.send(Hold(request))
         return wait
 
     def release(self, request: int) -> None:

@@ -309,3 +309,23 @@ async def test_the_hold_does_not_wait_for_the_backlog(rig: Rig) -> None:
     assert cuts == [marks] and marks["node-a"] == a.buffer.last_seq
     assert a.releases == b.releases == [1]
     await a.flushed()
+
+
+async def test_a_source_gone_while_its_records_drain_fails_the_cut_at_once(rig: Rig) -> None:
+    """A connection that ended stays registered while its records in flight become durable;
+    a checkpoint meanwhile must not wait the whole hold timeout for a MARKED that cannot come."""
+    sink = MemorySink(commit_delay=2.0)  # records become durable 2 s after they arrive
+    rx, port = await rig.receiver({"vpg-a": sink})
+    proxy, pport = await rig.proxy(port)
+    src = rig.source("node-a", tcp_connector("127.0.0.1", pport), settings=FAST)
+    src.write(0, 0, b"x" * 4096)
+    await asyncio.sleep(0.3)  # arrived, not durable yet
+    proxy.refuse = True
+    proxy.drop()
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    with pytest.raises(CheckpointError, match="disconnected"):
+        await rx.request_checkpoint("vpg-a", timeout=3.0)
+    assert time.monotonic() - started < 1.0
+    proxy.refuse = False
+    await src.flushed()
