@@ -12,6 +12,7 @@ from secondsite.appliance.journal import (
     JournalClosedError,
     JournalConfig,
     OutOfRangeError,
+    PendingAppend,
     UnknownCheckpointError,
     UnknownVolumeError,
     VolumeExistsError,
@@ -134,3 +135,37 @@ async def test_an_awaiter_giving_up_leaves_the_append_going(journal: Journal) ->
     cp = await journal.checkpoint()
     async with await journal.open_image("a", cp) as img:
         assert await img.read(0, 4096) == b"q" * 4096
+
+
+async def test_large_batches_synced_while_the_next_is_written(tmp_path: Path) -> None:
+    """Large appends take the overlapped path (a batch syncs on its own thread while the next
+    is written), across segment rolls: acks follow durability, and the journal reopens with
+    every acked record and checkpoint."""
+    size, chunk = 9 << 20, 300_000
+    j = await Journal.open(tmp_path / "j", JournalConfig(segment_size=2 << 20))
+    await j.add_volume("v", size)
+    model = bytearray(size)
+    images: dict[int, bytes] = {}
+
+    def submit(round_: int, i: int) -> PendingAppend:
+        off = ((round_ * 10 + i) * 700_001) % (size - chunk)
+        data = bytes([1 + (round_ * 10 + i) % 255]) * chunk
+        model[off : off + chunk] = data
+        return j.submit_write("v", off, data)
+
+    for round_ in range(4):
+        first = [submit(round_, i) for i in range(5)]
+        await asyncio.sleep(0)  # the flusher starts writing them...
+        second = [submit(round_, i) for i in range(5, 10)]  # ...and these come meanwhile
+        for pending in first + second:
+            await pending
+            assert j.durable_seq >= pending.seq
+        cp = await j.checkpoint()
+        images[cp.id] = bytes(model)
+    assert len(list((tmp_path / "j" / "segments").glob("*.seg"))) >= 3
+    await j.close()
+    j = await Journal.open(tmp_path / "j", JournalConfig(segment_size=2 << 20))
+    for cid, want in images.items():
+        async with await j.open_image("v", cid) as img:
+            assert await img.read(0, size) == want, f"checkpoint {cid}"
+    await j.close()
