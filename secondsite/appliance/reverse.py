@@ -23,7 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+from pydantic.alias_generators import to_camel
 
 from secondsite.appliance.config import (
     ApplianceConfig,
@@ -33,9 +38,11 @@ from secondsite.appliance.config import (
     ProtectedVpgSpec,
     VolumeSpec,
 )
-from secondsite.appliance.control.errors import ReverseRefused, UnknownVpgError
+from secondsite.appliance.control.errors import ApplyInvalid, ReverseRefused, UnknownVpgError
 
 __all__ = ["RecoveredVpg", "ReversePlan", "ReverseRefused", "ReverseRole", "plan_reverse"]
+
+_Spec = TypeVar("_Spec", bound=BaseModel)
 
 
 class ReverseRole(enum.StrEnum):
@@ -90,6 +97,7 @@ def plan_reverse(
     peer: str,
     peer_stream: str | None = None,
     directory: Path | None = None,
+    settings: Mapping[str, Any] | None = None,
     recovered: RecoveredVpg | None = None,
 ) -> ReversePlan:
     """``config`` with ``vpg`` reversed (module doc) so that this appliance takes ``role`` for
@@ -99,13 +107,18 @@ def plan_reverse(
     ``peer``: the other appliance's name (its identity in replication streams); ``peer_stream``:
     its stream listener (`host:port`), needed where this appliance becomes the protected one;
     ``directory``: where the new role keeps its files (default: where the former role kept
-    them); ``recovered``: what the runtime knows of a stream-fed VPG here.
+    them); ``settings``: more settings of the new role's spec by their config names (a
+    `ProtectedVpgSpec`'s `priority`, `bufferBytes`, `compression`, `initialSync`; a
+    `JournalSpec`'s `history`, `hardLimit`, ...), for those the reverse does not decide
+    (otherwise the defaults, and `initialSync: delta`); ``recovered``: what the runtime knows
+    of a stream-fed VPG here.
 
     Raises :class:`UnknownVpgError` when the VPG is neither journaled nor protected here, and
     :class:`ReverseRefused` when it cannot be reversed: no committed failover, a promotion not
     yet committed, a journal of local capture or of several sources, mirror-target volumes (no
     local copy to become a replica), no stream listener to receive the reversed stream, or a
-    peer that is not the other end of the VPG.
+    peer that is not the other end of the VPG; :class:`ApplyInvalid` or pydantic's
+    ``ValidationError`` for ``settings`` it does not take.
     """
     journaled = any(j.vpg == vpg for j in config.journals)
     protected = any(p.vpg == vpg for p in config.protected)
@@ -129,8 +142,10 @@ def plan_reverse(
     if journaled:
         if recovered is None:
             raise ValueError("reversing a journaled VPG needs what the runtime knows of it")
-        return _recovery_to_protected(config, vpg, peer, peer_stream, directory, recovered)
-    return _protected_to_recovery(config, vpg, peer, directory)
+        return _recovery_to_protected(
+            config, vpg, peer, peer_stream, directory, settings or {}, recovered
+        )
+    return _protected_to_recovery(config, vpg, peer, directory, settings or {})
 
 
 def _recovery_to_protected(
@@ -139,6 +154,7 @@ def _recovery_to_protected(
     peer: str,
     peer_stream: str | None,
     directory: Path | None,
+    settings: Mapping[str, Any],
     recovered: RecoveredVpg,
 ) -> ReversePlan:
     journal = config.journal_for(vpg)
@@ -190,11 +206,10 @@ def _recovery_to_protected(
         VolumeSpec(name=name, vpg=vpg, capture=CaptureMode.IN_PATH, backing=path)
         for name, path in sorted(recovered.replicas.items())
     ]
-    protected = ProtectedVpgSpec(
-        vpg=vpg,
-        recovery=peer_stream,
-        directory=directory or journal.directory,
-        initial_sync=InitialSync.DELTA,
+    protected = _new_spec(
+        ProtectedVpgSpec,
+        {"initialSync": InitialSync.DELTA.value, **settings},
+        {"vpg": vpg, "recovery": peer_stream, "directory": directory or journal.directory},
     )
     reversed_config = config.model_copy(
         update={
@@ -207,7 +222,11 @@ def _recovery_to_protected(
 
 
 def _protected_to_recovery(
-    config: ApplianceConfig, vpg: str, peer: str, directory: Path | None
+    config: ApplianceConfig,
+    vpg: str,
+    peer: str,
+    directory: Path | None,
+    settings: Mapping[str, Any],
 ) -> ReversePlan:
     protected = config.protected_for(vpg)
     volumes = config.volumes_of(vpg)
@@ -228,8 +247,15 @@ def _protected_to_recovery(
     for v in volumes:
         assert v.backing is not None, "in-path volumes have a backing store"
         replicas[v.name] = v.backing
-    journal = JournalSpec(
-        vpg=vpg, directory=directory or protected.directory, sources=[peer], replicas=replicas
+    journal = _new_spec(
+        JournalSpec,
+        settings,
+        {
+            "vpg": vpg,
+            "directory": directory or protected.directory,
+            "sources": [peer],
+            "replicas": replicas,
+        },
     )
     reversed_config = config.model_copy(
         update={
@@ -239,6 +265,24 @@ def _protected_to_recovery(
         }
     )
     return ReversePlan(ReverseRole.RECOVERY, _validated(reversed_config), config, vpg)
+
+
+def _new_spec(model: type[_Spec], settings: Mapping[str, Any], decided: dict[str, Any]) -> _Spec:
+    """``model`` from the caller's ``settings`` and what the reverse ``decided`` (which the
+    settings may not name)."""
+    taken = sorted(k for k in settings if to_camel(k) in decided)
+    if taken:
+        raise ApplyInvalid(
+            [
+                {
+                    "loc": ["body", "settings", k],
+                    "msg": f"{to_camel(k)} is decided by the reverse, not a setting",
+                    "type": "value_error",
+                }
+                for k in taken
+            ]
+        )
+    return model.model_validate({**settings, **decided})
 
 
 def _validated(config: ApplianceConfig) -> ApplianceConfig:

@@ -702,6 +702,7 @@ class Appliance:
         peer: str,
         peer_stream: str | None = None,
         directory: Path | None = None,
+        settings: Mapping[str, Any] | None = None,
     ) -> ReverseResult:
         """Swap the VPG's direction of protection with the appliance ``peer`` (`reverse`
         module), this appliance taking ``role``: plan this appliance's side, apply it like a
@@ -725,6 +726,7 @@ class Appliance:
                 peer=peer,
                 peer_stream=peer_stream,
                 directory=directory,
+                settings=settings,
                 recovered=recovered,
             )
             result = await self._apply(plan.config)

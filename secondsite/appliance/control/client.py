@@ -408,16 +408,24 @@ class ControlClient:
         peer: str,
         peer_stream: str | None = None,
         directory: Path | None = None,
+        settings: Mapping[str, Any] | None = None,
     ) -> ReverseResult:
         """Reverse the VPG's direction of protection after a committed failover (call it on
         both appliances): this appliance takes ``role`` (`protected` where the VPG failed over
         to, `recovery` where it came from; a repeated call changes nothing), ``peer`` is the
         other appliance's name, ``peer_stream`` its stream address (needed where this appliance
-        becomes protected and streams to it); ``directory`` where the new role keeps its files.
-        Raises ConflictError when the VPG cannot be reversed here (the message says why), and
-        then changes nothing."""
+        becomes protected and streams to it); ``directory`` where the new role keeps its files;
+        ``settings`` more settings of the new role (`ReverseRequest.settings`). Raises
+        ConflictError when the VPG cannot be reversed here (the message says why), and then
+        changes nothing."""
         url = self._url("v1", "vpgs", vpg, "reverse")
-        body = ReverseRequest(role=role, peer=peer, peer_stream=peer_stream, directory=directory)
+        body = ReverseRequest(
+            role=role,
+            peer=peer,
+            peer_stream=peer_stream,
+            directory=directory,
+            settings=dict(settings or {}),
+        )
         return await self._model(ReverseResult, "POST", url, body=body)
 
     async def force_sync(self, vpg: str) -> ProtectedVpgStatus:

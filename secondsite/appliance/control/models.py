@@ -247,6 +247,11 @@ class ReverseRequest(_Request):
     directory: Path | None = None
     """Where the VPG's new role keeps its files (journal or sync state); default: where its
     former role kept them."""
+    settings: dict[str, Any] = {}
+    """More settings of the new role, by their config names: of its `protected` entry (role
+    `protected`: priority, bufferBytes, compression, initialSync; default `initialSync: delta`)
+    or of its journal (role `recovery`: history, hardLimit, warningPercent,
+    checkpointIntervalSeconds, segmentBytes, scratchDirectory). Unset ones take the defaults."""
 
 
 class ReverseResult(_Reply):

@@ -417,6 +417,7 @@ class ControlServer:
             peer=body.peer,
             peer_stream=body.peer_stream,
             directory=body.directory,
+            settings=body.settings,
         )
         return _json(result)
 

@@ -30,13 +30,15 @@ from replication_harness import (
     wait_identical,
 )
 
-from secondsite.appliance.control import ConflictError, ServerError
+from secondsite.appliance.control import ConflictError, InvalidRequestError, ServerError
 
 pytestmark = [pytest.mark.qemu, pytest.mark.slow, requires_peers, pytest.mark.timeout(300)]
 
 VPG = "db"
 VOLUMES = {"disk": 64 * MiB, "logs": 16 * MiB}
 TOTAL = sum(VOLUMES.values())
+JOURNAL = {"history": "1h", "checkpointIntervalSeconds": 0.5, "segmentBytes": 16 * MiB}
+"""Settings of the journals the reverses make (as the harness's recovery journal has them)."""
 
 
 def same_disks(a: dict[str, Path], b: dict[str, Path], what: str) -> None:
@@ -134,7 +136,10 @@ async def test_reverse_protection_and_failback(workdir: Path, pki: Pki, nodes: l
         assert failed.value.code == "apply-failed" and "restarted as before" in failed.value.message
         assert [e.vpg for e in (await c.get_config()).protected] == [VPG]
         assert (await c.protected_status(VPG)).volumes.keys() == VOLUMES.keys()
-        result = await c.reverse(VPG, "recovery", peer="recovery")
+        with pytest.raises(InvalidRequestError) as invalid:
+            await c.reverse(VPG, "recovery", peer="recovery", settings={"sources": ["x"]})
+        assert "sources is decided by the reverse" in invalid.value.message
+        result = await c.reverse(VPG, "recovery", peer="recovery", settings=JOURNAL)
     assert result.role == "recovery"
     assert {(ch.kind, ch.action) for ch in result.changes} == {
         ("protected", "removed"),
@@ -179,7 +184,9 @@ async def test_reverse_protection_and_failback(workdir: Path, pki: Pki, nodes: l
     await fail_over(p, "failback")
     same_disks(p_disks, r_disks, "P's disks after the failback are not R's")
     async with r.client() as c:
-        assert (await c.reverse(VPG, "recovery", peer="prot-a")).role == "recovery"
+        assert (await c.reverse(VPG, "recovery", peer="prot-a", settings=JOURNAL)).role == (
+            "recovery"
+        )
     async with p.client() as c:
         result = await c.reverse(VPG, "protected", peer="recovery", peer_stream=r_stream)
         config = await c.get_config()

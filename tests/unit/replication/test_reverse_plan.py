@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from secondsite.appliance.config import ApplianceConfig, CaptureMode, InitialSync
-from secondsite.appliance.control.errors import ReverseRefused, UnknownVpgError
+from secondsite.appliance.config import ApplianceConfig, CaptureMode, InitialSync, Priority
+from secondsite.appliance.control.errors import ApplyInvalid, ReverseRefused, UnknownVpgError
 from secondsite.appliance.journal import Journal, JournalConfig
 from secondsite.appliance.recovery import JournalSink
-from secondsite.appliance.reverse import RecoveredVpg, ReverseRole, plan_reverse
+from secondsite.appliance.reverse import RecoveredVpg, ReversePlan, ReverseRole, plan_reverse
 from secondsite.appliance.runtime import plan_apply
 from secondsite.appliance.stream import VolumeEntry
 
@@ -60,15 +60,21 @@ def committed(checkpoint: int | None = 42, phase: str | None = None) -> Recovere
     return RecoveredVpg(phase, checkpoint, dict(REPLICAS))
 
 
-def test_the_recovery_side_serves_its_replicas_and_streams_them_back() -> None:
-    plan = plan_reverse(
+def reversed_recovery(settings: dict[str, Any] | None = None) -> ReversePlan:
+    """The recovery side's plan after a committed failover."""
+    return plan_reverse(
         recovery_side(),
         "db",
         ReverseRole.PROTECTED,
         peer="site-a",
         peer_stream=P_STREAM,
+        settings=settings,
         recovered=committed(),
     )
+
+
+def test_the_recovery_side_serves_its_replicas_and_streams_them_back() -> None:
+    plan = reversed_recovery()
     assert plan.role is ReverseRole.PROTECTED
     config = plan.config
     assert config.journals == []
@@ -103,11 +109,9 @@ def test_the_protected_side_journals_into_its_former_backing_files() -> None:
 
 
 def test_failback_returns_both_appliances_to_their_original_configs() -> None:
-    p0, r0 = protected_side(), recovery_side()
+    p0 = protected_side()
     p1 = plan_reverse(p0, "db", ReverseRole.RECOVERY, peer="site-b").config
-    r1 = plan_reverse(
-        r0, "db", ReverseRole.PROTECTED, peer="site-a", peer_stream=P_STREAM, recovered=committed()
-    ).config
+    r1 = reversed_recovery().config
     # Failback: a failover committed on P (its replicas are the former backing files).
     backings = dict(p1.journal_for("db").replicas)
     p2 = plan_reverse(
@@ -132,9 +136,7 @@ def test_failback_returns_both_appliances_to_their_original_configs() -> None:
 
 def test_the_reversed_config_applies_as_a_role_switch() -> None:
     r0 = recovery_side()
-    r1 = plan_reverse(
-        r0, "db", ReverseRole.PROTECTED, peer="site-a", peer_stream=P_STREAM, recovered=committed()
-    ).config
+    r1 = reversed_recovery().config
     changes = [(c.kind, c.name, c.action) for c in plan_apply(r0, r1, {"db": None})]
     assert changes == [
         ("protected", "db", "added"),
@@ -144,16 +146,54 @@ def test_the_reversed_config_applies_as_a_role_switch() -> None:
     ]
 
 
+def test_settings_of_the_new_role() -> None:
+    r1 = reversed_recovery({"priority": "High", "bufferBytes": "1Gi"}).config
+    spec = r1.protected_for("db")
+    assert (spec.priority, spec.buffer_size()) == (Priority.HIGH, 1 << 30)
+    assert spec.initial_sync is InitialSync.DELTA
+    full = reversed_recovery({"initialSync": "full"}).config
+    assert full.protected_for("db").initial_sync is InitialSync.FULL
+    p1 = plan_reverse(
+        protected_side(),
+        "db",
+        ReverseRole.RECOVERY,
+        peer="site-b",
+        settings={"history": "2h", "checkpointIntervalSeconds": 0.5},
+    ).config
+    journal = p1.journal_for("db")
+    assert (journal.history_seconds(), journal.checkpoint_interval_seconds) == (7200, 0.5)
+    assert journal.sources == ["site-b"]
+
+
+@pytest.mark.parametrize(
+    ("role", "settings", "error"),
+    [
+        (ReverseRole.RECOVERY, {"sources": ["x"]}, "sources is decided by the reverse"),
+        (ReverseRole.RECOVERY, {"directory": "/x"}, "directory is decided by the reverse"),
+        (ReverseRole.PROTECTED, {"recovery": "h:1"}, "recovery is decided by the reverse"),
+        (ReverseRole.RECOVERY, {"history": "forever"}, "history"),
+        (ReverseRole.PROTECTED, {"bogus": 1}, "bogus"),
+    ],
+)
+def test_settings_the_reverse_does_not_take(
+    role: ReverseRole, settings: dict[str, Any], error: str
+) -> None:
+    config = protected_side() if role is ReverseRole.RECOVERY else recovery_side()
+    with pytest.raises((ApplyInvalid, ValidationError), match=error):
+        plan_reverse(
+            config,
+            "db",
+            role,
+            peer="site-b" if role is ReverseRole.RECOVERY else "site-a",
+            peer_stream=P_STREAM,
+            settings=settings,
+            recovered=committed(),
+        )
+
+
 def test_a_repeated_reverse_changes_nothing() -> None:
     """A retried request (its answer lost) must not swap the direction back."""
-    r1 = plan_reverse(
-        recovery_side(),
-        "db",
-        ReverseRole.PROTECTED,
-        peer="site-a",
-        peer_stream=P_STREAM,
-        recovered=committed(),
-    ).config
+    r1 = reversed_recovery().config
     p1 = plan_reverse(protected_side(), "db", ReverseRole.RECOVERY, peer="site-b").config
     again = [
         plan_reverse(r1, "db", ReverseRole.PROTECTED, peer="site-a", peer_stream=P_STREAM),
