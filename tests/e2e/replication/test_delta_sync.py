@@ -31,7 +31,7 @@ from replication_harness import (
 )
 
 from secondsite.appliance.config import ApplianceConfig
-from secondsite.appliance.control import NotFoundError
+from secondsite.appliance.control import ConflictError, NotFoundError
 from secondsite.appliance.control.models import DeltaSyncStatus, ProtectedVpgStatus
 
 pytestmark = [pytest.mark.qemu, requires_peers, pytest.mark.timeout(240)]
@@ -133,16 +133,20 @@ async def test_force_sync_ships_only_the_blocks_that_differ(
     assert "force sync" in delta.reason
 
 
-async def test_force_sync_of_a_vpg_not_protected_here_is_404(
-    workdir: Path, pki: Pki, nodes: list[Node]
-) -> None:
+async def test_force_sync_refusals(workdir: Path, pki: Pki, nodes: list[Node]) -> None:
+    """404 for a VPG not protected here; 409 for one with nothing to delta-sync here (mirror
+    targets only: their source is QEMU's)."""
     port = free_port()
-    prot = protected_node(workdir, pki, "prot-a", port, VPG, {"vol0": 4 * MiB})
+    mirror = {"name": "m0", "vpg": VPG, "capture": "mirrorTarget", "size": "4Mi"}
+    prot = protected_node(workdir, pki, "prot-a", port, VPG, {}, appliance={"volumes": [mirror]})
     nodes.append(prot)
     prot.start()
     async with prot.client() as c:
         with pytest.raises(NotFoundError):
             await c.force_sync("other")
+        with pytest.raises(ConflictError) as info:
+            await c.force_sync(VPG)
+    assert info.value.code == "nothing-to-sync" and "mirror" in info.value.message
 
 
 async def test_writes_during_a_delta_sync_are_kept(
