@@ -18,7 +18,7 @@ stream from its protected appliances (the journal's `sources`).
   the source was consistent when it marked.
 - ``checksums`` (delta sync) hashes a range of the journal's latest view of a volume (replica plus
   every durable record: ``Journal.open_latest``, read without copying the volume) in a worker
-  thread. Concurrent requests for a volume share one view, closed when the last one is answered,
+  thread. Requests for a volume share one view, closed once none came for ``view_idle`` seconds,
   so that no view pins the journal's retention while no delta sync runs.
 
 :class:`RecoveryVpg` takes a checkpoint every `checkpointIntervalSeconds` as a cut across every
@@ -107,10 +107,15 @@ class _SharedView:
 
     opening: asyncio.Task[PitImage]
     users: int = 0
+    idle: asyncio.TimerHandle | None = None
+    """Closes the view when no request came for a while."""
 
     def release(self) -> None:
-        """Close the view once it is open (or now); its opening's failure was reported."""
-        self.opening.add_done_callback(_close_view)
+        """Close the view now, or once it is open; its opening's failure was reported."""
+        if self.opening.done():
+            _close_view(self.opening)
+        else:
+            self.opening.add_done_callback(_close_view)
 
 
 def _close_view(opening: asyncio.Task[PitImage]) -> None:
@@ -133,7 +138,11 @@ class JournalSink:
         journal: Journal,
         sources: Sequence[str],
         replicas: Mapping[str, Path] | None = None,
+        *,
+        view_idle: float = 2.0,
     ) -> None:
+        """``view_idle``: seconds a volume's view for checksums stays open after the last
+        request (a delta sync's next ones reuse it instead of building the map again)."""
         self.vpg = vpg
         self.journal = journal
         self.allowed = set(sources)
@@ -147,6 +156,7 @@ class JournalSink:
         self._flush_scheduled = False
         self._add_lock = asyncio.Lock()
         self._views: dict[str, _SharedView] = {}
+        self._view_idle = view_idle
 
     # -- StreamSink --------------------------------------------------------------------------
 
@@ -210,10 +220,14 @@ class JournalSink:
             name = self.sources[source].volumes[volume]
         except (KeyError, IndexError):
             raise SinkError(f"{source} has no volume index {volume}") from None
+        loop = asyncio.get_running_loop()
         shared = self._views.get(name)
         if shared is None:
-            opening = asyncio.get_running_loop().create_task(self.journal.open_latest(name))
+            opening = loop.create_task(self.journal.open_latest(name))
             shared = self._views[name] = _SharedView(opening)
+        if shared.idle is not None:
+            shared.idle.cancel()
+            shared.idle = None
         shared.users += 1
         try:
             view = await asyncio.shield(shared.opening)
@@ -225,8 +239,20 @@ class JournalSink:
         finally:
             shared.users -= 1
             if not shared.users:
-                del self._views[name]
-                shared.release()
+                shared.idle = loop.call_later(self._view_idle, self._close_view, name, shared)
+
+    def _close_view(self, name: str, shared: _SharedView) -> None:
+        if self._views.get(name) is shared and not shared.users:
+            del self._views[name]
+            shared.release()
+
+    def close(self) -> None:
+        """Close the views kept for checksums (before the journal closes)."""
+        views, self._views = self._views, {}
+        for shared in views.values():
+            if shared.idle is not None:
+                shared.idle.cancel()
+            shared.release()
 
     # -- inside ------------------------------------------------------------------------------
 
@@ -360,6 +386,8 @@ class RecoveryVpg(JournaledVpg):
 
     async def stop(self) -> None:
         await self.tasks.cancel_all()
+        if self.sink is not None:
+            self.sink.close()
         self.sink = None
         if self.journal is not None:
             await self.journal.close()
