@@ -15,8 +15,11 @@ each appliance with its own call (:func:`plan_reverse` plans one appliance's sid
 
 Every volume keeps its name and size; the data files stay where they are and only change roles,
 so that failing back (promote and commit on P, reverse both again) returns each volume to its
-original file. The state of the role a VPG leaves (R's journal, P's sync state) is discarded by
-the runtime once the reversed config runs (:meth:`ReversePlan.discard`).
+original file. Stale state is discarded between stopping the VPG in its old role and starting it
+in the new one (:meth:`ReversePlan.stale_journals`, :meth:`ReversePlan.stale_sync_states`): the
+state of the role it leaves (R's journal: its positions and checkpoints; P's sync state: which
+volumes are synced), and whatever an earlier role left in the new role's directory, so that a
+later failback into the same directories starts clean.
 """
 
 from __future__ import annotations
@@ -76,17 +79,23 @@ class ReversePlan:
     (a repeated call: nothing to do)."""
     vpg: str
 
-    def discarded_journal(self) -> Path | None:
-        """The directory of the journal that goes away (becoming protected), else None."""
-        if self.role is not ReverseRole.PROTECTED or self.config == self.former:
-            return None
-        return self.former.journal_for(self.vpg).directory
+    def stale_journals(self) -> list[Path]:
+        """Directories whose journal files go before the VPG starts in its new role: the
+        journal it leaves (becoming protected), or an old journal in the new journal's
+        directory (becoming recovery). None when nothing changes."""
+        if self.config == self.former:
+            return []
+        config = self.former if self.role is ReverseRole.PROTECTED else self.config
+        return [config.journal_for(self.vpg).directory]
 
-    def discarded_protection(self) -> tuple[ProtectedVpgSpec, list[VolumeSpec]] | None:
-        """The protected entry and volumes whose sync state goes away (becoming recovery)."""
-        if self.role is not ReverseRole.RECOVERY or self.config == self.former:
-            return None
-        return self.former.protected_for(self.vpg), self.former.volumes_of(self.vpg)
+    def stale_sync_states(self) -> list[tuple[ProtectedVpgSpec, list[VolumeSpec]]]:
+        """Protected entries (with their volumes) whose sync state goes before the VPG starts
+        in its new role: the one it leaves (becoming recovery), or an old one in the new
+        entry's directory (becoming protected). None when nothing changes."""
+        if self.config == self.former:
+            return []
+        config = self.former if self.role is ReverseRole.RECOVERY else self.config
+        return [(config.protected_for(self.vpg), config.volumes_of(self.vpg))]
 
 
 def plan_reverse(

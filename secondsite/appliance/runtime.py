@@ -25,7 +25,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -594,7 +594,11 @@ class Appliance:
         async with self._apply_lock:
             return await self._apply(desired)
 
-    async def _apply(self, desired: ApplianceConfig) -> ApplyResult:
+    async def _apply(
+        self, desired: ApplianceConfig, between: Callable[[], None] | None = None
+    ) -> ApplyResult:
+        """:meth:`apply` under the lock; ``between`` runs in a thread after VPGs switching roles
+        stopped and before anything starts."""
         phases = {n: v.journal.failover_phase for n, v in self.vpgs.items() if v.journal}
         changes = plan_apply(self.config, desired, phases)
         _preflight(desired, changes)
@@ -605,6 +609,8 @@ class Appliance:
         for name in switching:
             await self._stop_role(name)
         try:
+            if between is not None:
+                await asyncio.to_thread(between)
             for change in changes:
                 if change.kind == "vpg" and change.action == "added":
                     vpg = self._journaled(desired.journal_for(change.name), desired)
@@ -705,10 +711,10 @@ class Appliance:
         settings: Mapping[str, Any] | None = None,
     ) -> ReverseResult:
         """Swap the VPG's direction of protection with the appliance ``peer`` (`reverse`
-        module), this appliance taking ``role``: plan this appliance's side, apply it like a
-        `PUT /v1/config`, then discard the state of the role the VPG left. Nothing changes when
-        the VPG has ``role`` already. Raises :class:`ReverseRefused` (nothing changed) when the
-        VPG cannot be reversed here."""
+        module), this appliance taking ``role``: plan this appliance's side and apply it like a
+        `PUT /v1/config`, discarding stale state between the old role's stop and the new one's
+        start. Nothing changes when the VPG has ``role`` already. Raises :class:`ReverseRefused`
+        (nothing changed) when the VPG cannot be reversed here."""
         async with self._apply_lock:
             recovered = None
             if vpg_name in self.vpgs:
@@ -729,8 +735,7 @@ class Appliance:
                 settings=settings,
                 recovered=recovered,
             )
-            result = await self._apply(plan.config)
-            await asyncio.to_thread(_discard_former_role, plan)
+            result = await self._apply(plan.config, lambda: _discard_stale_state(plan))
         log.info(
             "vpg=%s event=reversed role=%s peer=%s changes=%d",
             vpg_name,
@@ -855,19 +860,16 @@ def _role_switches(changes: list[Change]) -> list[str]:
     return sorted({name for kind, name in removed if ((roles - {kind}).pop(), name) in added})
 
 
-def _discard_former_role(plan: ReversePlan) -> None:
-    """After a reverse: delete the state of the role the VPG left (it would mislead a later
-    reverse that puts the VPG back in that role, in the same directory)."""
-    journal_dir = plan.discarded_journal()
-    if journal_dir is not None:
-        discard_journal(journal_dir)
-        log.info("vpg=%s event=journal-discarded directory=%s", plan.vpg, journal_dir)
-    protection = plan.discarded_protection()
-    if protection is not None:
-        discard_sync_state(*protection)
-        log.info(
-            "vpg=%s event=sync-state-discarded directory=%s", plan.vpg, protection[0].directory
-        )
+def _discard_stale_state(plan: ReversePlan) -> None:
+    """Delete the journal files and sync state a reverse leaves behind or finds in its way
+    (stale positions in a journal would make it skip a new sender's records as resent; a stale
+    sync state would take a volume as synced)."""
+    for directory in plan.stale_journals():
+        discard_journal(directory)
+        log.info("vpg=%s event=journal-discarded directory=%s", plan.vpg, directory)
+    for spec, volumes in plan.stale_sync_states():
+        discard_sync_state(spec, volumes)
+        log.info("vpg=%s event=sync-state-discarded directory=%s", plan.vpg, spec.directory)
 
 
 async def _start_vpg(vpg: JournaledVpg | ProtectedVpg) -> None:

@@ -1535,7 +1535,10 @@ class Journal:
 def discard_journal(directory: Path) -> None:
     """Delete the files of a closed journal in ``directory`` except its replicas: reverse
     protection keeps the replicas as the volumes themselves, and a journal opened there later
-    must start empty (no stale positions, checkpoints or volume table)."""
+    must start empty (no stale positions, checkpoints or volume table). No directory, nothing
+    to do."""
+    if not directory.is_dir():
+        return
     for name in ("state.json", "volumes.json", "failover.undo"):
         (directory / name).unlink(missing_ok=True)
     for sub in ("segments", "scratch"):

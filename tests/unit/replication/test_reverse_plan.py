@@ -16,7 +16,7 @@ from secondsite.appliance.control.errors import ApplyInvalid, ReverseRefused, Un
 from secondsite.appliance.journal import Journal, JournalConfig
 from secondsite.appliance.recovery import JournalSink
 from secondsite.appliance.reverse import RecoveredVpg, ReversePlan, ReverseRole, plan_reverse
-from secondsite.appliance.runtime import plan_apply
+from secondsite.appliance.runtime import _discard_stale_state, plan_apply
 from secondsite.appliance.stream import VolumeEntry
 
 TLS = {"certFile": "/etc/ss/app.crt", "keyFile": "/etc/ss/app.key", "caFile": "/etc/ss/ca.crt"}
@@ -85,8 +85,10 @@ def test_the_recovery_side_serves_its_replicas_and_streams_them_back() -> None:
     assert {n: (v.capture, v.backing) for n, v in vols.items()} == {
         n: (CaptureMode.IN_PATH, p) for n, p in REPLICAS.items()
     }
-    assert plan.discarded_journal() == Path("/data/db")
-    assert plan.discarded_protection() is None
+    # Before the protected entry starts: the journal goes, and any old sync state in its
+    # directory (the journal's, by default).
+    assert plan.stale_journals() == [Path("/data/db")]
+    assert plan.stale_sync_states() == [(spec, list(vols.values()))]
 
 
 def test_the_protected_side_journals_into_its_former_backing_files() -> None:
@@ -100,8 +102,11 @@ def test_the_protected_side_journals_into_its_former_backing_files() -> None:
     assert journal.directory == Path("/var/lib/ss/db")
     assert journal.replicas == {"data": Path("/dev/vg/data"), "logs": Path("/dev/vg/logs")}
     assert config.journal_for("web") == protected_side().journal_for("web")
-    spec, volumes = plan.discarded_protection() or (None, [])
-    assert spec == protected_side().protected_for("db") and len(volumes) == 2
+    # Before the journal starts: the sync state it leaves, and any old journal in its directory.
+    assert plan.stale_sync_states() == [
+        (protected_side().protected_for("db"), protected_side().volumes_of("db"))
+    ]
+    assert plan.stale_journals() == [Path("/var/lib/ss/db")]
     given = plan_reverse(
         protected_side(), "db", ReverseRole.RECOVERY, peer="site-b", directory=Path("/srv/j")
     )
@@ -201,7 +206,7 @@ def test_a_repeated_reverse_changes_nothing() -> None:
     ]
     for plan, before in zip(again, [r1, p1], strict=True):
         assert plan.config == before
-        assert plan.discarded_journal() is None and plan.discarded_protection() is None
+        assert plan.stale_journals() == [] and plan.stale_sync_states() == []
     with pytest.raises(ReverseRefused, match=r"streaming to 10\.0\.0\.1:7400, not 10\.9\.9\.9:1"):
         plan_reverse(r1, "db", ReverseRole.PROTECTED, peer="site-a", peer_stream="10.9.9.9:1")
     with pytest.raises(ReverseRefused, match="journaled here already, from site-b, not from x"):
@@ -339,3 +344,27 @@ async def test_a_committed_failover_is_remembered_across_reopen(tmp_path: Path) 
         assert reopened.committed_failover == first
     finally:
         await reopened.close()
+
+
+async def test_stale_state_in_the_new_journals_directory_is_discarded(tmp_path: Path) -> None:
+    """A journal left in the directory the reverse puts the new journal in (an earlier role's)
+    would resume from its positions and skip the new sender's records: it goes, the replica
+    files stay."""
+    old_dir, backing = tmp_path / "db", tmp_path / "data.img"
+    backing.write_bytes(b"\x5a" * 65536)
+    old = await Journal.open(old_dir, JournalConfig(vpg="db"))
+    await old.add_volume("data", 65536)
+    await old.submit_position("site-b", 1000)
+    await old.close()
+    config = protected_side(
+        volumes=[{"name": "data", "vpg": "db", "backing": str(backing)}], journals=[]
+    )
+    plan = plan_reverse(config, "db", ReverseRole.RECOVERY, peer="site-b", directory=old_dir)
+    _discard_stale_state(plan)
+    fresh = await Journal.open(old_dir, JournalConfig(vpg="db"))
+    try:
+        assert dict(fresh.positions) == {} and fresh.volumes() == []
+    finally:
+        await fresh.close()
+    assert (old_dir / "replicas" / "data.img").exists()
+    assert backing.read_bytes() == b"\x5a" * 65536
