@@ -72,7 +72,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Generator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Generator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -1109,6 +1109,7 @@ class ProtectedVpg(CapturedVolumes):
                 "holdsExpired": m.holds_expired,
             },
             "holdMs": _percentiles(holds),
+            "ackLatencyMs": _percentiles(b.ack_latencies),
             "volumes": volumes,
         }
 
@@ -1136,17 +1137,18 @@ def _differing(local: bytes, remote: bytes, block: int, length: int) -> list[tup
     return [(s * block, min(e * block, length)) for s, e in index_runs(idx)]
 
 
-def _percentiles(samples: list[float]) -> dict[str, float]:
+def _percentiles(samples: Collection[float]) -> dict[str, float]:
+    """count, p50_ms, p99_ms, max_ms (nearest rank) of durations in seconds."""
     if not samples:
         return {}
-    ordered = sorted(samples)
+    ordered = np.sort(np.fromiter(samples, dtype=np.float64, count=len(samples)))
 
     def at(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3
+        return float(ordered[min(len(ordered) - 1, int(q * len(ordered)))]) * 1e3
 
     return {
         "count": float(len(ordered)),
         "p50_ms": at(0.5),
         "p99_ms": at(0.99),
-        "max_ms": ordered[-1] * 1e3,
+        "max_ms": float(ordered[-1]) * 1e3,
     }

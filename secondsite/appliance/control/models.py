@@ -431,6 +431,9 @@ class ProtectedVpgStatus(_Reply):
     stream: StreamCounters
     hold_ms: dict[str, float] = {}
     """How long checkpoint cuts held this VPG's acks."""
+    ack_latency_ms: dict[str, float] = {}
+    """Of the newest changes (up to 16384): from capture to acknowledged durable by the recovery
+    side, count / p50_ms / p99_ms / max_ms: the RPO each write had."""
     volumes: dict[str, VolumeStatus] = {}
 
 

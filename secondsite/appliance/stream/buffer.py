@@ -21,6 +21,7 @@ unsent records if the recovery side is ahead anyway (see :meth:`ProtectedBuffer.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ import numpy.typing as npt
 from .frames import NO_VOLUME, Op, Record
 
 __all__ = [
+    "ACK_LATENCIES",
     "RECORD_OVERHEAD",
     "BufferFull",
     "DirtyMap",
@@ -44,6 +46,8 @@ RECORD_OVERHEAD: Final = 64
 """Bytes charged per record on top of its payload, so that many small records are bounded too."""
 _MAX_EXTENT: Final = 1 << 30
 """ZERO and TRIM records longer than this are split (the wire length field is 32 bits)."""
+ACK_LATENCIES: Final = 16384
+"""How many of the newest acknowledged changes :attr:`ProtectedBuffer.ack_latencies` keeps."""
 
 
 def index_runs(idx: npt.NDArray[np.intp]) -> list[tuple[int, int]]:
@@ -102,6 +106,9 @@ class ProtectedBuffer:
         self.appended_records = 0
         self.appended_bytes = 0
         """Payload bytes appended (WRITE data): what the workload wrote."""
+        self.ack_latencies: collections.deque[float] = collections.deque(maxlen=ACK_LATENCIES)
+        """Seconds from append to acknowledgement of the newest acknowledged changes (marks
+        left out): how long each change waited to be durable on the recovery side."""
         self.spills = 0
 
     # -- appending ------------------------------------------------------------------------------
@@ -210,8 +217,13 @@ class ProtectedBuffer:
         end = self._index(seq)
         freed = end - self._head
         if freed:
-            self._used -= sum(
-                RECORD_OVERHEAD + len(r.payload) for r in self._records[self._head : end]
+            acked = self._records[self._head : end]
+            self._used -= sum(RECORD_OVERHEAD + len(r.payload) for r in acked)
+            now = self._clock()
+            self.ack_latencies.extend(
+                now - t
+                for r, t in zip(acked, self._times[self._head : end], strict=True)
+                if r.op is not Op.CHECKPOINT_MARK
             )
             self._first += freed
             self._head = end

@@ -79,6 +79,9 @@ async def test_writes_through_the_protected_export_reach_the_recovery_side(
     status = await protected.protected_status(VPG)
     assert status.rpo_seconds < 3 and status.buffer.used_bytes == 0
     assert status.stream.sessions == 1 and status.stream.durable_seq > 0
+    # Each change shipped so far (initial sync and live writes) waited some time to be durable.
+    lat = status.ack_latency_ms
+    assert lat["count"] >= 5 and 0 < lat["p50_ms"] <= lat["p99_ms"] <= lat["max_ms"] < 30_000
     async with protected.client() as c:
         whole = await c.status()
     assert whole.name == "prot-a" and whole.vpgs == {}

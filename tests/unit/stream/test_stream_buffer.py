@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from secondsite.appliance.stream import NO_VOLUME, BufferFull, DirtyMap, Op, ProtectedBuffer
-from secondsite.appliance.stream.buffer import RECORD_OVERHEAD
+from secondsite.appliance.stream.buffer import ACK_LATENCIES, RECORD_OVERHEAD
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -146,6 +146,29 @@ def test_lag_seconds_is_age_of_oldest_unacked() -> None:
     assert buf.lag_seconds() == pytest.approx(1.5)
     buf.ack(2)
     assert buf.lag_seconds() == 0.0
+
+
+def test_ack_latencies_are_per_change_append_to_ack() -> None:
+    clock = FakeClock()
+    buf = ProtectedBuffer(4 * MiB, first_seq=1, clock=clock)
+    buf.append_write(0, 0, b"x")
+    clock.now += 0.5
+    buf.append_zero(0, 4096, 4096)
+    buf.append_mark(7)
+    clock.now += 0.25
+    buf.append_trim(0, 8192, 4096)
+    clock.now += 1.0
+    buf.ack(3)  # the write, the zero and the mark
+    assert list(buf.ack_latencies) == pytest.approx([1.75, 1.25])
+    clock.now += 0.5
+    buf.ack(4)
+    assert list(buf.ack_latencies) == pytest.approx([1.75, 1.25, 1.5])
+    buf.ack(4)  # nothing new
+    assert len(buf.ack_latencies) == 3
+    for _ in range(ACK_LATENCIES + 5):
+        buf.append_write(0, 0, b"y")
+    buf.ack(buf.last_seq)
+    assert len(buf.ack_latencies) == ACK_LATENCIES  # the newest only
 
 
 def test_spill_marks_exactly_the_unacked_ranges() -> None:
