@@ -246,6 +246,15 @@ class JournalSink:
             del self._views[name]
             shared.release()
 
+    def close_idle_views(self) -> None:
+        """Close the views kept for checksums that no request uses now: a promotion wants no
+        open image of the journal."""
+        for name, shared in list(self._views.items()):
+            if not shared.users:
+                if shared.idle is not None:
+                    shared.idle.cancel()
+                self._close_view(name, shared)
+
     def close(self) -> None:
         """Close the views kept for checksums (before the journal closes)."""
         views, self._views = self._views, {}

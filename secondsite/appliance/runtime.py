@@ -814,6 +814,10 @@ class Appliance:
     async def promote(self, vpg_name: str, checkpoint: Checkpoint) -> Checkpoint:
         """Live failover: every replica of the VPG becomes its image at ``checkpoint``."""
         journal = self.journal(vpg_name)
+        runtime = self.vpgs[vpg_name]
+        if isinstance(runtime, RecoveryVpg) and runtime.sink is not None:
+            # Views a delta sync keeps open for a while are no images a user holds.
+            runtime.sink.close_idle_views()
         pinned = self.images.of_vpg(vpg_name)
         if pinned:
             ids = ", ".join(i.id for i in pinned)

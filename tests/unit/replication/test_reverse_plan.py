@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from secondsite.appliance.config import ApplianceConfig, CaptureMode, InitialSync, Priority
 from secondsite.appliance.control.errors import ApplyInvalid, ReverseRefused, UnknownVpgError
-from secondsite.appliance.journal import Journal, JournalConfig
+from secondsite.appliance.journal import ImagesOpenError, Journal, JournalConfig
 from secondsite.appliance.recovery import JournalSink
 from secondsite.appliance.reverse import RecoveredVpg, ReversePlan, ReverseRole, plan_reverse
 from secondsite.appliance.runtime import _discard_stale_state, plan_apply
@@ -368,3 +368,26 @@ async def test_stale_state_in_the_new_journals_directory_is_discarded(tmp_path: 
         await fresh.close()
     assert (old_dir / "replicas" / "data.img").exists()
     assert backing.read_bytes() == b"\x5a" * 65536
+
+
+async def test_views_kept_for_checksums_do_not_block_a_failover(tmp_path: Path) -> None:
+    """A delta sync keeps each volume's latest view open for a while; failing over right after
+    it (promote) closes the idle views instead of refusing for open images."""
+    journal = await Journal.open(tmp_path, JournalConfig(vpg="db"))
+    try:
+        sink = JournalSink("db", journal, ["site-b"], view_idle=60)
+        sink.attach("site-b", [VolumeEntry("data", 65536)])
+        for _ in range(100):
+            if journal.volumes():
+                break
+            await asyncio.sleep(0.01)
+        await sink.checksums("site-b", 0, 0, 65536, 4096)
+        cp = await journal.checkpoint("now")
+        with pytest.raises(ImagesOpenError):
+            await journal.promote_to(cp)
+        sink.close_idle_views()
+        await journal.promote_to(cp)
+        await journal.rollback()
+    finally:
+        sink.close()
+        await journal.close()
