@@ -18,8 +18,9 @@ stream from its protected appliances (the journal's `sources`).
   the source was consistent when it marked.
 - ``checksums`` (delta sync) hashes a range of the journal's latest view of a volume (replica plus
   every durable record: ``Journal.open_latest``, read without copying the volume) in a worker
-  thread. Requests for a volume share one view, closed once none came for ``view_idle`` seconds,
-  so that no view pins the journal's retention while no delta sync runs.
+  thread. Requests for a volume in flight share one view, closed when none is (or ``view_idle``
+  seconds later), so that no view pins the journal's retention, or blocks a failover, while no
+  delta sync runs.
 
 :class:`RecoveryVpg` takes a checkpoint every `checkpointIntervalSeconds` as a cut across every
 source (:meth:`StreamReceiver.request_checkpoint`): once every source's mark has reached the sink
@@ -62,6 +63,9 @@ __all__ = ["JournalSink", "RecoveryVpg", "SourceState"]
 log = logging.getLogger(__name__)
 
 _MARKS_KEPT: Final = 64
+_HASH_PIECE: Final = 8 << 20
+"""Bytes of a volume read at a time to answer a checksum request (a multiple of every block
+size up to it: block sizes are powers of two)."""
 
 
 @dataclasses.dataclass
@@ -118,6 +122,16 @@ class _SharedView:
             self.opening.add_done_callback(_close_view)
 
 
+def _hash_view(view: PitImage, offset: int, length: int, block_size: int) -> bytes:
+    """Digests of [offset, offset+length) of ``view``, read a piece at a time (memory stays
+    bounded however large the request)."""
+    piece = max(block_size, _HASH_PIECE)
+    return b"".join(
+        block_digests(view.read_sync(at, min(piece, offset + length - at)), block_size)
+        for at in range(offset, offset + length, piece)
+    )
+
+
 def _close_view(opening: asyncio.Task[PitImage]) -> None:
     if not opening.cancelled() and opening.exception() is None:
         opening.result().close()
@@ -139,10 +153,12 @@ class JournalSink:
         sources: Sequence[str],
         replicas: Mapping[str, Path] | None = None,
         *,
-        view_idle: float = 2.0,
+        view_idle: float = 0.0,
     ) -> None:
         """``view_idle``: seconds a volume's view for checksums stays open after the last
-        request (a delta sync's next ones reuse it instead of building the map again)."""
+        request, so that later ones reuse it instead of building the extent map again. An open
+        view is an open image: it blocks promotion (a failover) meanwhile, hence 0 (closed as
+        soon as no request is in flight) unless asked for."""
         self.vpg = vpg
         self.journal = journal
         self.allowed = set(sources)
@@ -231,14 +247,14 @@ class JournalSink:
         shared.users += 1
         try:
             view = await asyncio.shield(shared.opening)
-            return await asyncio.to_thread(
-                lambda: block_digests(view.read_sync(offset, length), block_size)
-            )
+            return await asyncio.to_thread(_hash_view, view, offset, length, block_size)
         except JournalError as e:
             raise SinkError(f"volume {name}: checksums not read: {e}") from e
         finally:
             shared.users -= 1
-            if not shared.users:
+            if not shared.users and self._view_idle <= 0:
+                self._close_view(name, shared)
+            elif not shared.users:
                 shared.idle = loop.call_later(self._view_idle, self._close_view, name, shared)
 
     def _close_view(self, name: str, shared: _SharedView) -> None:

@@ -27,6 +27,7 @@ SUMS_ASK    u64 request id, u16 volume index, u64 offset, u32 length, u32 block 
             sender asks for one digest per block of [offset, offset+length) of the volume's
             newest state on the receiving side (the last block may be short); block size a
             power of two from MIN_SUM_BLOCK to MAX_SUM_BLOCK, at most MAX_SUM_BLOCKS blocks
+            and MAX_SUM_SPAN bytes
 SUMS        u64 request id, u32 n, n x DIGEST_SIZE bytes: the answer, one digest per block
 =========== ================================================================================
 
@@ -62,6 +63,7 @@ __all__ = [
     "MAX_BODY",
     "MAX_SUM_BLOCK",
     "MAX_SUM_BLOCKS",
+    "MAX_SUM_SPAN",
     "MIN_SUM_BLOCK",
     "NO_VOLUME",
     "PROTOCOL_VERSION",
@@ -112,6 +114,8 @@ MIN_SUM_BLOCK: Final = 4096
 MAX_SUM_BLOCK: Final = 16 * 1024 * 1024
 MAX_SUM_BLOCKS: Final = 65536
 """Most digests one SUMS_ASK may ask for (a SUMS body of 1 MiB)."""
+MAX_SUM_SPAN: Final = 256 * 1024 * 1024
+"""Most bytes of a volume one SUMS_ASK may cover (the work one request can cause)."""
 
 _HEADER = struct.Struct(">4sBBHII")
 HEADER_SIZE: Final = _HEADER.size
@@ -493,7 +497,7 @@ def _check_sums_ask(ask: SumsAsk, error: type[Exception]) -> None:
     bs = ask.block_size
     if not MIN_SUM_BLOCK <= bs <= MAX_SUM_BLOCK or bs & (bs - 1):
         raise error(f"SUMS_ASK: block size {bs}")
-    if not 0 < ask.length < 1 << 32 or ask.blocks > MAX_SUM_BLOCKS:
+    if not 0 < ask.length <= MAX_SUM_SPAN or ask.blocks > MAX_SUM_BLOCKS:
         raise error(f"SUMS_ASK: {ask.length} bytes in blocks of {bs}")
     if ask.volume == NO_VOLUME or not 0 <= ask.offset <= _MAX_U64 - ask.length:
         raise error(f"SUMS_ASK: volume index {ask.volume}, offset {ask.offset}")

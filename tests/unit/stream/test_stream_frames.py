@@ -189,7 +189,11 @@ def _with_crc(ftype: int, body: bytes, flags: int = 0) -> bytes:
         (_with_crc(FrameType.SUMS_ASK, struct.pack(">QHQII", 1, 0, 0, 4096, 1 << 25)), "block"),
         (_with_crc(FrameType.SUMS_ASK, struct.pack(">QHQII", 1, 0, 0, 0, 4096)), "0 bytes"),
         (
-            _with_crc(FrameType.SUMS_ASK, struct.pack(">QHQII", 1, 0, 0, (1 << 28) + 1, 4096)),
+            _with_crc(FrameType.SUMS_ASK, struct.pack(">QHQII", 1, 0, 0, (1 << 28) + 1, 1 << 24)),
+            "in blocks of",
+        ),
+        (
+            _with_crc(FrameType.SUMS_ASK, struct.pack(">QHQII", 1, 0, 0, (1 << 28) + 4096, 4096)),
             "in blocks of",
         ),
         (
