@@ -18,9 +18,9 @@ stream from its protected appliances (the journal's `sources`).
   the source was consistent when it marked.
 - ``checksums`` (delta sync) hashes a range of the journal's latest view of a volume (replica plus
   every durable record: ``Journal.open_latest``, read without copying the volume) in a worker
-  thread. Requests for a volume in flight share one view, closed when none is (or ``view_idle``
-  seconds later), so that no view pins the journal's retention, or blocks a failover, while no
-  delta sync runs.
+  thread. Requests for a volume share one view, closed once none came for ``view_idle`` seconds
+  (or when a promotion wants no open image), so that no view pins the journal while no delta
+  sync runs.
 
 :class:`RecoveryVpg` takes a checkpoint every `checkpointIntervalSeconds` as a cut across every
 source (:meth:`StreamReceiver.request_checkpoint`): once every source's mark has reached the sink
@@ -153,12 +153,12 @@ class JournalSink:
         sources: Sequence[str],
         replicas: Mapping[str, Path] | None = None,
         *,
-        view_idle: float = 0.0,
+        view_idle: float = 2.0,
     ) -> None:
         """``view_idle``: seconds a volume's view for checksums stays open after the last
-        request, so that later ones reuse it instead of building the extent map again. An open
-        view is an open image: it blocks promotion (a failover) meanwhile, hence 0 (closed as
-        soon as no request is in flight) unless asked for."""
+        request, so that a delta sync's next ones reuse it instead of building the extent map
+        again. An idle view pins retention meanwhile; a promotion closes it first
+        (:meth:`close_idle_views`)."""
         self.vpg = vpg
         self.journal = journal
         self.allowed = set(sources)
@@ -252,9 +252,7 @@ class JournalSink:
             raise SinkError(f"volume {name}: checksums not read: {e}") from e
         finally:
             shared.users -= 1
-            if not shared.users and self._view_idle <= 0:
-                self._close_view(name, shared)
-            elif not shared.users:
+            if not shared.users:
                 shared.idle = loop.call_later(self._view_idle, self._close_view, name, shared)
 
     def _close_view(self, name: str, shared: _SharedView) -> None:
