@@ -518,6 +518,11 @@ async def run(args: argparse.Namespace) -> None:
                 [f"replicated / single throughput, {r[0]}", f"{r[4]} ({r[5]} with drain)", ">= 0.7"]
                 for r in rows
             ]
+            summary += [
+                [f"single / protected CPU per GB (a CPU-bound node's ratio), {r[0]}",
+                 f"{float(r[9]) / float(r[10]):.2f} ({r[9]} / {r[10]} s/GB)", ">= 0.7"]
+                for r in rows
+            ]  # fmt: skip
         if "rpo" in args.only:
             rows = await rpo(workdir, pki, size, args.rates, args.seconds)
             table(
