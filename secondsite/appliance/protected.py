@@ -723,7 +723,8 @@ class ProtectedVpg(CapturedVolumes):
     ) -> None:
         """Put an in-path volume in delta sync of ``regions`` (default: all of it); the walk
         starts with :meth:`_spawn_delta` once the sender exists."""
-        # Until it is done, the intent map keeps the regions: a crash meanwhile syncs them again.
+        # The intent map keeps the regions not compared yet (`_sweep`): a stop or crash
+        # meanwhile syncs those again.
         todo = DirtyMap(side.vol.export.size, INTENT_REGION)
         if regions is None:
             todo.mark_all()
@@ -843,14 +844,16 @@ class ProtectedVpg(CapturedVolumes):
     def _ship_differing(
         self, side: _Replicated, offset: int, data: memoryview, runs: list[tuple[int, int]]
     ) -> int | None:
-        """Append the ``runs`` of ``data`` (read at ``offset``) until the buffer is half full:
-        returns where that stopped in ``data``, or None when all of it is in the buffer (or, if
-        the workload filled the buffer meanwhile, in the dirty map)."""
+        """Append the ``runs`` of ``data`` (read at ``offset``), at least one piece, until the
+        buffer is half full: returns where that stopped in ``data``, or None when all of it is in
+        the buffer (or, if the workload filled the buffer meanwhile, in the dirty map)."""
         assert side.dirty is not None and side.delta is not None
+        first = True
         for i, (run_start, run_end) in enumerate(runs):
             for pos in range(run_start, run_end, self._chunk):
-                if self.buffer.used_bytes > self.buffer.capacity_bytes // 2:
+                if not first and self.buffer.used_bytes > self.buffer.capacity_bytes // 2:
                     return pos
+                first = False
                 step = min(self._chunk, run_end - pos)
                 try:
                     seq = self._append_data(side, offset + pos, data[pos : pos + step])
