@@ -67,6 +67,9 @@ class RecoveredVpg:
     """The id of the checkpoint of the newest failover committed in the journal (None: none)."""
     replicas: dict[str, Path]
     """The journal's replica file of each volume, by volume name."""
+    images: list[str] = dataclasses.field(default_factory=list)
+    """Ids of the PIT images pinned on the VPG through the API (their NBD clients would lose
+    them with the journal)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,10 +127,10 @@ def plan_reverse(
 
     Raises :class:`UnknownVpgError` when the VPG is neither journaled nor protected here, and
     :class:`ReverseRefused` when it cannot be reversed: no committed failover, a promotion not
-    yet committed, a journal of local capture or of several sources, mirror-target volumes (no
-    local copy to become a replica), no stream listener to receive the reversed stream, or a
-    peer that is not the other end of the VPG; :class:`ApplyInvalid` or pydantic's
-    ``ValidationError`` for ``settings`` it does not take.
+    yet committed, PIT images open on the journal, a journal of local capture or of several
+    sources, mirror-target volumes (no local copy to become a replica), no stream listener to
+    receive the reversed stream, or a peer that is not the other end of the VPG;
+    :class:`ApplyInvalid` or pydantic's ``ValidationError`` for ``settings`` it does not take.
     """
     journaled = any(j.vpg == vpg for j in config.journals)
     protected = any(p.vpg == vpg for p in config.protected)
@@ -180,6 +183,11 @@ def _recovery_to_protected(
         )
     if phase is not None:
         raise ReverseRefused(f"VPG {vpg} is in failover phase {phase}; wait until it ends")
+    if recovered.images:
+        raise ReverseRefused(
+            f"images {', '.join(recovered.images)} of VPG {vpg} are open, and the journal goes "
+            "away with the reverse: delete them first"
+        )
     if recovered.committed_checkpoint is None:
         raise ReverseRefused(
             f"no failover of VPG {vpg} was committed on this appliance: promote to a "

@@ -724,6 +724,7 @@ class Appliance:
                     failover_phase=journal.failover_phase,
                     committed_checkpoint=None if committed is None else committed.id,
                     replicas={v.name: v.replica_path for v in journal.volumes()},
+                    images=[i.id for i in self.images.of_vpg(vpg_name)],
                 )
             plan = plan_reverse(
                 self.config,

@@ -147,6 +147,11 @@ async def test_reverse_protection_and_failback(workdir: Path, pki: Pki, nodes: l
         ("vpg", "added"),
     }
     async with r.client() as c:
+        image = await c.create_image(VPG, "disk", "latest")
+        with pytest.raises(ConflictError) as info:
+            await c.reverse(VPG, "protected", peer="prot-a", peer_stream=p_stream)
+        assert f"images {image.id} of VPG {VPG} are open" in info.value.message
+        await c.delete_image(VPG, image.id)
         result = await c.reverse(VPG, "protected", peer="prot-a", peer_stream=p_stream)
         # A retried request (its answer lost) changes nothing.
         again = await c.reverse(VPG, "protected", peer="prot-a", peer_stream=p_stream)

@@ -219,6 +219,7 @@ def test_a_repeated_reverse_changes_nothing() -> None:
         (committed(phase="promoted"), "not committed"),
         (committed(None), "promote to a checkpoint and commit first"),
         (RecoveredVpg(None, 42, {}), "no volumes yet"),
+        (RecoveredVpg(None, 42, dict(REPLICAS), ["a1b2"]), "images a1b2 of VPG db are open"),
     ],
 )
 def test_the_recovery_side_wants_a_committed_failover(recovered: RecoveredVpg, words: str) -> None:
