@@ -10,8 +10,8 @@ has not acknowledged durable (a few seconds at most while the link keeps up).
 
 State machine of a replicated volume (`vpg.SyncState`)::
 
-                 new volume                     unclean stop, force sync,
-         (initialSync: full | delta)          new volume with initialSync delta
+                 new volume                unclean stop, force sync, recovery side lost
+         (initialSync: full | delta)      records, new volume with initialSync delta
                      |                                        |
                      v                                        v
                InitialSync ----- every region shipped, ----> Protected <--- DeltaSync
@@ -22,15 +22,15 @@ State machine of a replicated volume (`vpg.SyncState`)::
                                                            BitmapSync
                                                   (buffer full: in-path only)
 
-- *In-path volumes* are synced by one mechanism, a per-volume :class:`DirtyMap` shipped in the
-  background (:meth:`ProtectedVpg._ship_loop`): a full initial sync (or a resync after the
-  recovery side lost records) marks the whole volume dirty; an overflow of the buffer spills the
-  buffer's unacknowledged records into the maps. While a volume is not *streaming*, its new writes
-  only mark regions dirty. The shipper claims a region with the volume's
-  :class:`~secondsite.appliance.capture.RegionGuard` (so that no concurrent write races it), reads
-  the backing store and appends a WRITE record (or a ZERO for a hole); the moment a volume's map
-  is found empty, the volume streams again, and once everything shipped is acknowledged durable it
-  is Protected. Shipping waits while the link is down or the buffer is half full.
+- *In-path volumes* are copied by one mechanism, a per-volume :class:`DirtyMap` shipped in the
+  background (:meth:`ProtectedVpg._ship_loop`): a full initial sync marks the whole volume dirty;
+  an overflow of the buffer spills the buffer's unacknowledged records into the maps. While a
+  volume is not *streaming*, its new writes only mark regions dirty. The shipper claims a region
+  with the volume's :class:`~secondsite.appliance.capture.RegionGuard` (so that no concurrent
+  write races it), reads the backing store and appends a WRITE record (or a ZERO for a hole); the
+  moment a volume's map is found empty, the volume streams again, and once everything shipped is
+  acknowledged durable it is Protected. Shipping waits while the link is down or the buffer is
+  half full.
 - *Delta sync* (:meth:`ProtectedVpg._delta_sync`) compares instead of copying: it asks the
   recovery side for block digests (``DELTA_BLOCK`` bytes a block, ``SUM_SPAN`` bytes a request,
   ``SUM_DEPTH`` requests in flight) of its newest state, reads the same span of the source under
@@ -39,8 +39,9 @@ State machine of a replicated volume (`vpg.SyncState`)::
   the recovery side applies it after the state it hashed) and lands in the source either before
   the read (a difference, shipped again: harmless) or after it (in the stream after the shipped
   block); either way the replica ends equal to the source. It is used by force sync
-  (:meth:`ProtectedVpg.force_sync`), after an unclean stop, and for the initial sync of a VPG with
-  ``initialSync: delta`` (the replica already holds most of the data: reverse protection).
+  (:meth:`ProtectedVpg.force_sync`), after an unclean stop, when the recovery side lost records it
+  had acknowledged, and for the initial sync of a VPG with ``initialSync: delta`` (the replica
+  already holds most of the data: reverse protection).
 - *Mirror targets* keep no copy of the source, so nothing can be re-read: a write that does not fit
   in the buffer waits for room (backpressure on the hypervisor, whose guest write is blocked
   meanwhile) for at most :data:`MIRROR_BACKPRESSURE_SECONDS`; then the write fails with EIO and the
@@ -696,14 +697,15 @@ class ProtectedVpg(CapturedVolumes):
         )
 
     def _on_gap(self, position: int, durable: int) -> None:
-        """The recovery side lost records it had acknowledged: resync everything."""
+        """The recovery side lost records it had acknowledged: compare every block of the
+        in-path volumes with what it has now (delta sync); mirror targets are not synced."""
         for side in self._sides.values():
             why = f"the recovery side lost records (position {position} < {durable})"
             if side.in_path:
-                self._begin_sync(side, SyncState.DELTA_SYNC, why + ": full resync")
+                self._begin_delta(side, why + ": delta sync")
+                self._spawn_delta(side)
             else:
                 side.vol.state, side.vol.reason = SyncState.NOT_SYNCED, why
-        self._work.set()
 
     # -- delta sync ----------------------------------------------------------------------------
 

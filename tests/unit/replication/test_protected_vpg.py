@@ -157,7 +157,7 @@ async def test_in_path_overflow_falls_back_to_bitmap_sync_and_converges(
     assert progress is not None and progress.finished is not None and progress.percent == 100.0
 
 
-async def test_recovery_side_that_lost_its_journal_gets_a_full_resync(
+async def test_recovery_side_that_lost_its_journal_gets_a_delta_sync(
     rig: Rig, tmp_path: Path
 ) -> None:
     backing = tmp_path / "d0.img"
@@ -184,6 +184,8 @@ async def test_recovery_side_that_lost_its_journal_gets_a_full_resync(
     await until(lambda: vol.progress is not None and vol.synced, 10)
     assert vol.progress is not None and "lost records" in vol.progress.reason
     assert bytes(rig.sink.state.images["d0"]) == backing.read_bytes()
+    # Every block compared; only the one write the empty recovery side lacks was shipped.
+    assert vol.progress.done_bytes == 4 * MiB and vol.progress.changed_bytes == 64 * KiB
 
 
 async def crash(pvpg: ProtectedVpg) -> None:
