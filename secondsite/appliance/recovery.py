@@ -4,7 +4,8 @@ stream from its protected appliances (the journal's `sources`).
 :class:`JournalSink` is what the appliance's :class:`StreamReceiver` writes a VPG's records into:
 
 - ``attach`` checks the source's volume table (a source the journal does not list, a volume another
-  source owns, or a size the journal knows otherwise is refused) and adds new volumes to the
+  source owns, or a size the journal knows otherwise is refused; every source is refused during
+  a failover and after a committed one) and adds new volumes to the
   journal; records that arrive while a volume is being added wait in a backlog, in order.
 - ``submit`` journals WRITE, ZERO and TRIM records (``journal.submit_*``: the journal's order is
   the order records are submitted in, across sources), and once per event-loop turn submits one
@@ -181,6 +182,14 @@ class JournalSink:
             raise SinkRefused(
                 f"VPG {self.vpg} is in failover phase {self.journal.failover_phase}: replication "
                 "resumes after commit or rollback"
+            )
+        committed = self.journal.committed_failover
+        if committed is not None:
+            # The replicas are the recovered volumes now: a stream from the old site would
+            # journal (and in time promote) writes made after the failover point into them.
+            raise SinkRefused(
+                f"VPG {self.vpg} was failed over to checkpoint {committed.id} (committed): its "
+                "replicas are the recovered volumes; reverse the VPG to protect them back"
             )
         if source not in self.allowed:
             raise SinkRefused(

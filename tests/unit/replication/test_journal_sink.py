@@ -90,6 +90,31 @@ async def test_refusals(tmp_path: Path) -> None:
     await journal.close()
 
 
+async def test_sources_are_refused_during_a_failover_and_after_its_commit(tmp_path: Path) -> None:
+    journal = await open_journal(tmp_path)
+    sink = await attached(journal)
+    checkpoint, pending = journal.mark_checkpoint("before")
+    await asyncio.wait_for(pending, 5)
+    await journal.promote_to(checkpoint)
+    with pytest.raises(SinkRefused, match="failover phase promoted"):
+        sink.attach("prot-a", [VolumeEntry("a0", 64 * KiB)])
+    await journal.rollback()
+    sink.attach("prot-a", [VolumeEntry("a0", 64 * KiB)])  # rolled back: replication resumes
+    await journal.promote_to(checkpoint)
+    await journal.commit()
+    refusal = f"failed over to checkpoint {checkpoint.id} \\(committed\\).*reverse the VPG"
+    with pytest.raises(SinkRefused, match=refusal):
+        sink.attach("prot-a", [VolumeEntry("a0", 64 * KiB)])
+    await journal.close()
+    # The commit is the journal's: after a restart the old site is still refused.
+    journal = await open_journal(tmp_path)
+    with pytest.raises(SinkRefused, match=refusal):
+        JournalSink("db", journal, ["prot-a", "prot-b"]).attach(
+            "prot-b", [VolumeEntry("b0", 64 * KiB)]
+        )
+    await journal.close()
+
+
 def test_mark_payload_round_trip_and_garbage() -> None:
     assert parse_mark(mark_payload(True, "Protected")) == (True, "Protected")
     assert parse_mark(mark_payload(False, "InitialSync")) == (False, "InitialSync")
