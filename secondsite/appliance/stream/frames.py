@@ -91,9 +91,11 @@ __all__ = [
     "block_digests",
     "crc32c",
     "data_body",
+    "data_frame",
     "decode_all",
     "encode",
     "encode_data",
+    "frame_header",
     "pack_frame",
     "sum_blocks",
 ]
@@ -347,10 +349,15 @@ def _u64(v: int) -> int:
     return v
 
 
+def frame_header(ftype: FrameType, body: bytes, flags: int = 0) -> bytes:
+    """The header that goes before ``body`` in its frame, with the CRC over both."""
+    head = _HEADER.pack(MAGIC, FRAME_VERSION, ftype, flags, len(body), 0)[:12]
+    return head + _U32.pack(crc32c(body, crc32c(head)))
+
+
 def pack_frame(ftype: FrameType, body: bytes, flags: int = 0) -> bytes:
     """Header + body, with the CRC over both."""
-    head = _HEADER.pack(MAGIC, FRAME_VERSION, ftype, flags, len(body), 0)[:12]
-    return head + _U32.pack(crc32c(body, crc32c(head))) + body
+    return frame_header(ftype, body, flags) + body
 
 
 def data_body(records: Iterable[Record]) -> bytes:
@@ -417,11 +424,17 @@ def encode(frame: Frame) -> bytes:
     return pack_frame(frame.TYPE, _body(frame))
 
 
-def encode_data(body: bytes, compressed: bytes | None) -> bytes:
-    """A DATA frame from its raw body, or from that body compressed by zstd when given."""
+def data_frame(body: bytes, compressed: bytes | None) -> tuple[bytes, bytes]:
+    """A DATA frame from its raw body, or from that body compressed by zstd when given, as
+    (header, body): written one after the other, the body is not copied into a frame."""
     if compressed is None:
-        return pack_frame(FrameType.DATA, body)
-    return pack_frame(FrameType.DATA, compressed, FLAG_ZSTD)
+        return frame_header(FrameType.DATA, body), body
+    return frame_header(FrameType.DATA, compressed, FLAG_ZSTD), compressed
+
+
+def encode_data(body: bytes, compressed: bytes | None) -> bytes:
+    """A DATA frame as one bytes object (see :func:`data_frame`)."""
+    return b"".join(data_frame(body, compressed))
 
 
 # -- decoding -----------------------------------------------------------------------------------

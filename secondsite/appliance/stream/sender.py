@@ -62,8 +62,8 @@ from .frames import (
     VolumeEntry,
     Welcome,
     data_body,
+    data_frame,
     encode,
-    encode_data,
 )
 from .ratelimit import Flow
 
@@ -548,9 +548,10 @@ class StreamSender:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def _write(self, writer: asyncio.StreamWriter, data: bytes) -> None:
-        writer.write(data)
-        self._c["wire_bytes_sent"] += len(data)
+    def _write(self, writer: asyncio.StreamWriter, *pieces: bytes) -> None:
+        """Write one frame, whole or in pieces (not joined: a DATA body is not copied)."""
+        writer.writelines(pieces)
+        self._c["wire_bytes_sent"] += sum(map(len, pieces))
         self._c["frames_sent"] += 1
         self._last_write = time.monotonic()
 
@@ -584,8 +585,8 @@ class StreamSender:
                 continue
             frame = await self._encode(records)
             if self.bandwidth is not None:
-                await self.bandwidth.acquire(len(frame))
-            self._write(writer, frame)
+                await self.bandwidth.acquire(sum(map(len, frame)))
+            self._write(writer, *frame)
             last = records[-1].seq
             self.sent_seq = last
             self._sent_high = max(self._sent_high, last)
@@ -593,7 +594,7 @@ class StreamSender:
             self._c["payload_bytes_sent"] += sum(len(r.payload) for r in records)
             await writer.drain()
 
-    async def _encode(self, records: list[Record]) -> bytes:
+    async def _encode(self, records: list[Record]) -> tuple[bytes, bytes]:
         s = self.settings
         body = data_body(records)
         self._c["body_bytes_sent"] += len(body)
@@ -611,7 +612,7 @@ class StreamSender:
                 elif s.adaptive_compression:
                     self._skip_compression = s.compression_probe_interval
         self._c["batches_compressed" if compressed is not None else "batches_uncompressed"] += 1
-        return encode_data(body, compressed)
+        return data_frame(body, compressed)
 
     def _compress(self, body: bytes) -> bytes:
         assert self._zstd is not None
