@@ -1002,6 +1002,7 @@ class ProtectedVpg(CapturedVolumes):
     # -- checkpoint holds ---------------------------------------------------------------------
 
     async def _on_hold(self, request: int) -> int:
+        await self._mirrors.confirm()  # a mirror job stopped just now must not be vouched for
         self.gate.close(request)
         try:
             seq = self.buffer.append_mark(request, mark_payload(self.consistent, self.state))

@@ -228,8 +228,10 @@ async def test_positions_from_the_header_scan_without_sidecars(tmp_path: Path) -
 async def test_an_old_sidecar_is_ignored_and_rewritten(tmp_path: Path) -> None:
     d = tmp_path / "j"
     sent, _next_seq, _model, _cps = await _journal_with_positions(d)
-    first = _segments(d)[0]
-    idx = idx_path(d / "segments", first)
+    # The newest sealed segment: it holds records (a roll needs some in the active segment),
+    # where the oldest may be an empty one, which the reopen removes.
+    sealed = _segments(d)[-2]
+    idx = idx_path(d / "segments", sealed)
     raw = bytearray(idx.read_bytes())
     raw[8:10] = (1).to_bytes(2, "little")  # version 1: no positions in it
     idx.write_bytes(bytes(raw))
