@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import ValidationError
@@ -226,11 +226,9 @@ def plan_apply(
         vpg_changes: list[Change] = []
         if new is None:
             if not in_failover(name, "remove it"):
-                vpg_changes.append(Change(kind="vpg", name=name, action=ChangeAction.REMOVED))
-                vpg_changes += [
-                    Change(kind="volume", name=v.name, action=ChangeAction.REMOVED)
-                    for v in current.volumes_of(name)
-                ]
+                vpg_changes += _with_volumes(
+                    "vpg", name, ChangeAction.REMOVED, current.volumes_of(name)
+                )
             changes += vpg_changes
             continue
         if old is None:
@@ -278,6 +276,16 @@ def plan_apply(
     return changes
 
 
+def _with_volumes(
+    kind: Literal["vpg", "protected"], name: str, action: ChangeAction, volumes: list[VolumeSpec]
+) -> list[Change]:
+    """A VPG's entry (journal or protected) added or removed together with its volumes."""
+    return [
+        Change(kind=kind, name=name, action=action),
+        *(Change(kind="volume", name=v.name, action=action) for v in volumes),
+    ]
+
+
 def _plan_protected(
     current: ApplianceConfig, desired: ApplianceConfig, conflicts: list[Conflict]
 ) -> list[Change]:
@@ -289,18 +297,14 @@ def _plan_protected(
     for name in sorted(old.keys() | new.keys()):
         was, now = old.get(name), new.get(name)
         if now is None:
-            changes.append(Change(kind="protected", name=name, action=ChangeAction.REMOVED))
-            changes += [
-                Change(kind="volume", name=v.name, action=ChangeAction.REMOVED)
-                for v in current.volumes_of(name)
-            ]
+            changes += _with_volumes(
+                "protected", name, ChangeAction.REMOVED, current.volumes_of(name)
+            )
             continue
         if was is None:
-            changes.append(Change(kind="protected", name=name, action=ChangeAction.ADDED))
-            changes += [
-                Change(kind="volume", name=v.name, action=ChangeAction.ADDED)
-                for v in desired.volumes_of(name)
-            ]
+            changes += _with_volumes(
+                "protected", name, ChangeAction.ADDED, desired.volumes_of(name)
+            )
             continue
         for field in _diff(_protected_fields(was), _protected_fields(now)):
             conflicts.append(

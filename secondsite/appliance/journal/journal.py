@@ -420,24 +420,17 @@ class Journal:
         """Say what the open cuts after the active segment's last record: a torn tail (a
         warning, with the bytes this incarnation wrote there) or only prepared space."""
         torn = torn_extent(path, scan)
+        where = {"segment": scan.segno, "offset": scan.valid_end}
         prepared = scan.torn_bytes - torn
         if torn:
-            log.warning(
-                self._log(
-                    "journal: torn tail cut",
-                    segment=scan.segno,
-                    offset=scan.valid_end,
-                    bytes_cut=torn,
-                    prepared_bytes=prepared,
-                )
+            what = self._log(
+                "journal: torn tail cut", **where, bytes_cut=torn, prepared_bytes=prepared
             )
+            log.warning(what)
         else:
             log.info(
                 self._log(
-                    "journal: end of records in prepared space",
-                    segment=scan.segno,
-                    offset=scan.valid_end,
-                    prepared_bytes=prepared,
+                    "journal: end of records in prepared space", **where, prepared_bytes=prepared
                 )
             )
 

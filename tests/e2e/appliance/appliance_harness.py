@@ -323,9 +323,25 @@ class StorageDaemon:
                     raise
                 await asyncio.sleep(0.05)
 
+    def volume_spec(self, volume: str, vpg: str, size: int, monitor: str) -> dict[str, str]:
+        """The appliance's config of ``volume`` as the target of this daemon's mirror job,
+        watched on QMP ``monitor``."""
+        return {
+            "name": volume,
+            "vpg": vpg,
+            "capture": "mirrorTarget",
+            "size": str(size),
+            "qmpSocket": str(self.qmp_sockets[monitor]),
+            "mirrorJob": self.mirror_job(volume),
+        }
+
     @staticmethod
-    async def start_mirror(qmp: QmpClient, volume: str, **extra: Any) -> str:
-        job = f"mirror-{volume}"
+    def mirror_job(volume: str) -> str:
+        return f"mirror-{volume}"
+
+    @classmethod
+    async def start_mirror(cls, qmp: QmpClient, volume: str, **extra: Any) -> str:
+        job = cls.mirror_job(volume)
         await qmp.execute(
             "blockdev-mirror",
             {

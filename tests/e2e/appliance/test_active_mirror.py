@@ -109,16 +109,7 @@ async def test_active_mirror_and_test_image(
                 # Checkpoints on request only, so that the journal changes only when told.
                 {"vpg": VPG, "directory": str(journal_dir), "checkpointIntervalSeconds": 3600}
             ],
-            "volumes": [
-                {
-                    "name": VOLUME,
-                    "vpg": VPG,
-                    "capture": "mirrorTarget",
-                    "size": str(SIZE),
-                    "qmpSocket": str(daemon.qmp_sockets[VOLUME]),
-                    "mirrorJob": f"mirror-{VOLUME}",
-                }
-            ],
+            "volumes": [daemon.volume_spec(VOLUME, VPG, SIZE, monitor=VOLUME)],
         }
     )
     appliance = ApplianceThread(config)

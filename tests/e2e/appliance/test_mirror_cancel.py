@@ -52,7 +52,7 @@ async def test_checkpoint_right_after_a_cancelled_mirror_is_not_consistent(
     peer("qemu-img", "create", "-f", "raw", source, str(SIZE))
     socket = workdir / "app.sock"
     daemon = StorageDaemon(workdir, {VOLUME: source}, socket, monitors=("test", VOLUME))
-    job = f"mirror-{VOLUME}"
+    job = daemon.mirror_job(VOLUME)
     config = ApplianceConfig.model_validate(
         {
             "listen": {"nbdUnix": str(socket)},
@@ -63,16 +63,7 @@ async def test_checkpoint_right_after_a_cancelled_mirror_is_not_consistent(
                     "checkpointIntervalSeconds": 3600,
                 }
             ],
-            "volumes": [
-                {
-                    "name": VOLUME,
-                    "vpg": VPG,
-                    "capture": "mirrorTarget",
-                    "size": str(SIZE),
-                    "qmpSocket": str(daemon.qmp_sockets[VOLUME]),
-                    "mirrorJob": job,
-                }
-            ],
+            "volumes": [daemon.volume_spec(VOLUME, VPG, SIZE, monitor=VOLUME)],
         }
     )
     appliance = ApplianceThread(config)

@@ -59,16 +59,7 @@ def appliance_config(workdir: Path, mirror: StorageDaemon | None) -> ApplianceCo
             os.truncate(backing, VOLUME_SIZE)
             volumes.append({"name": name, "vpg": VPG, "backing": str(backing)})
         else:
-            volumes.append(
-                {
-                    "name": name,
-                    "vpg": VPG,
-                    "capture": "mirrorTarget",
-                    "size": str(VOLUME_SIZE),
-                    "qmpSocket": str(mirror.qmp_sockets["appliance"]),
-                    "mirrorJob": f"mirror-{name}",
-                }
-            )
+            volumes.append(mirror.volume_spec(name, VPG, VOLUME_SIZE, monitor="appliance"))
     return ApplianceConfig.model_validate(
         {
             "listen": {"nbdUnix": str(workdir / "app.sock")},
